@@ -1,0 +1,287 @@
+"""Llama-family decoder in Flax Linen: RMSNorm, RoPE (Hugging Face rotate-half layout), grouped-query
+attention with optional sliding window and q/k/v biases, SwiGLU, layers under `nn.scan`.
+
+Shape legend: B batch, L length (S: key length), D model width, F MLP width, N query heads,
+K kv heads, G = N // K query heads per kv head, H head dim, V vocabulary.
+
+Parameter paths, shapes and logical axes are fixed in DESIGN.md; model code names logical axes only.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pjlm import ops
+from pjlm.config import ModelConfig
+
+Head = Literal["lm", "scalar"]
+_NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax rather than NaN
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _kernel_init(n_in: int, n_out: int):
+    """Truncated normal with std 1/sqrt(fan_in), fan_in = product of the first `n_in` axes."""
+    return nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal",
+        in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+
+
+def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
+    """Positions that restart at 0 wherever the segment id changes along the row."""
+    L = segment_ids_BL.shape[1]
+    idx_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), segment_ids_BL.shape)
+    starts_BL = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BL[:, :1], bool), segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+    start_idx_BL = jax.lax.cummax(jnp.where(starts_BL, idx_BL, 0), axis=1)
+    return idx_BL - start_idx_BL
+
+
+def attention_mask(segment_ids_BL: jax.Array, sliding_window: Optional[int]) -> jax.Array:
+    """[B, 1, L, S] boolean: causal by index, same segment, and within the sliding window if any."""
+    L = segment_ids_BL.shape[1]
+    q_idx, k_idx = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
+    allowed_LS = k_idx <= q_idx
+    if sliding_window is not None:
+        allowed_LS &= k_idx > q_idx - sliding_window
+    same_BLS = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    return (allowed_LS[None] & same_BLS)[:, None]
+
+
+def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, L, H] in float32, Hugging Face layout (frequencies repeated over both halves)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs_BLh = positions_BL.astype(jnp.float32)[..., None] * inv_freq
+    emb_BLH = jnp.concatenate([freqs_BLh, freqs_BLh], axis=-1)
+    return jnp.cos(emb_BLH), jnp.sin(emb_BLH)
+
+
+def apply_rope(x_BLNH: jax.Array, cos_BLH: jax.Array, sin_BLH: jax.Array) -> jax.Array:
+    x = x_BLNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x * cos_BLH[:, :, None, :] + rotated * sin_BLH[:, :, None, :]
+    return out.astype(x_BLNH.dtype)
+
+
+def einsum_attention(q_BLNH, k_BSKH, v_BSKH, mask_B1LS) -> jax.Array:
+    """The plain reference: softmax(q·kᵀ/√H + mask)·v, grouped query heads, softmax in float32."""
+    B, L, N, H = q_BLNH.shape
+    K = k_BSKH.shape[2]
+    q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)
+    scores = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH, preferred_element_type=jnp.float32)
+    scores = scores * (H ** -0.5)
+    scores = jnp.where(mask_B1LS[:, :, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs, v_BSKH)
+    return out_BLKGH.reshape(B, L, N, H)
+
+
+def fused_attention(q_BLNH, k_BSKH, v_BSKH, mask_B1LS, implementation: str,
+                    sliding_window: Optional[int]) -> jax.Array:
+    """`jax.nn.dot_product_attention` with the same mask as the reference.
+
+    The mask already holds causality and the window; they are also passed as `is_causal` and
+    `local_window_size` so that cuDNN picks its causal (and windowed) kernel.
+    """
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q_BLNH, k_BSKH, v_BSKH, mask=mask_B1LS, is_causal=True, local_window_size=window,
+        implementation=implementation)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x_BLD):
+        scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                             (x_BLD.shape[-1],), self.param_dtype)
+        x = x_BLD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * scale_D.astype(jnp.float32)).astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """One einsum against a kernel of any rank; `in_shape`/`out_shape` with their logical axes."""
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    equation: str
+    use_bias: bool
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        init = _kernel_init(len(self.in_shape), len(self.out_shape))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                            self.in_shape + self.out_shape, self.param_dtype)
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias_axes = self.axes[len(self.in_shape):]
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
+                              self.out_shape, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD, cos_BLH, sin_BLH, mask_B1LS):
+        c = self.config
+        D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.resolved_head_dim
+        dense = functools.partial(Linear, dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
+        q = dense((D,), (N, H), ("embed", "heads", "head_dim"), "BLD,DNH->BLNH", c.qkv_bias, name="q")(x_BLD)
+        k = dense((D,), (K, H), ("embed", "kv_heads", "head_dim"), "BLD,DKH->BLKH", c.qkv_bias, name="k")(x_BLD)
+        v = dense((D,), (K, H), ("embed", "kv_heads", "head_dim"), "BLD,DKH->BLKH", c.qkv_bias, name="v")(x_BLD)
+        q = nn.with_logical_constraint(apply_rope(q, cos_BLH, sin_BLH), ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(apply_rope(k, cos_BLH, sin_BLH), ("batch", "length", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        if c.attention == "einsum":
+            out_BLNH = einsum_attention(q, k, v, mask_B1LS)
+        else:
+            out_BLNH = fused_attention(q, k, v, mask_B1LS, c.attention, c.sliding_window)
+        return dense((N, H), (D,), ("heads", "head_dim", "embed"), "BLNH,NHD->BLD", False, name="o")(out_BLNH)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD):
+        c = self.config
+        dense = functools.partial(Linear, dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype), use_bias=False)
+        gate = dense((c.d_model,), (c.mlp_dim,), ("embed", "mlp"), "BLD,DF->BLF", name="gate")(x_BLD)
+        up = dense((c.d_model,), (c.mlp_dim,), ("embed", "mlp"), "BLD,DF->BLF", name="up")(x_BLD)
+        h_BLF = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return dense((c.mlp_dim,), (c.d_model,), ("mlp", "embed"), "BLF,FD->BLD", name="down")(h_BLF)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block; the scan carry is the residual stream."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD, cos_BLH, sin_BLH, mask_B1LS):
+        c = self.config
+        norm = functools.partial(RMSNorm, c.norm_eps, _dtype(c.dtype), _dtype(c.param_dtype))
+        x_BLD = x_BLD + Attention(c, name="attn")(norm(name="attn_norm")(x_BLD), cos_BLH, sin_BLH, mask_B1LS)
+        x_BLD = x_BLD + MLP(c, name="mlp")(norm(name="mlp_norm")(x_BLD))
+        return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed")), None
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+    """`Transformer(config, head="lm")` gives logits [B, L, V] (float32); head="scalar" gives [B, L].
+
+    `__call__(tokens_BL, positions_BL=None, segment_ids_BL=None, *, return_hidden=False)`:
+    segment ids (0 = padding) keep attention inside a document; given only segment ids, positions
+    restart at 0 per segment; given only tokens, each row is one segment. With `return_hidden=True`
+    the final normed hidden states [B, L, D] come back instead of the head's output (for
+    `pjlm.ops.chunked_token_logprobs`, which takes them with `output_kernel(params)`).
+    """
+    config: ModelConfig
+    head: Head = "lm"
+
+    @nn.compact
+    def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, *, return_hidden: bool = False):
+        c = self.config
+        dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones(tokens_BL.shape, jnp.int32)
+        if positions_BL is None:
+            positions_BL = positions_from_segments(segment_ids_BL)
+        if tokens_BL.shape[1] > c.max_len:
+            raise ValueError(f"sequence length {tokens_BL.shape[1]} exceeds model.max_len={c.max_len}; "
+                             "raise max_len or shorten the data's seq_len")
+
+        embed = Embed(c, name="embed")
+        x_BLD = nn.with_logical_constraint(embed(tokens_BL), ("batch", "length", "embed"))
+
+        cos_BLH, sin_BLH = rope_tables(positions_BL, c.resolved_head_dim, c.rope_theta)
+        mask_B1LS = attention_mask(segment_ids_BL, c.sliding_window)
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+        layers = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers, unroll=c.scan_unroll,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        x_BLD, _ = layers(c, name="layers")(x_BLD, cos_BLH, sin_BLH, mask_B1LS)
+        x_BLD = RMSNorm(c.norm_eps, dtype, param_dtype, name="final_norm")(x_BLD)
+
+        if return_hidden:
+            return x_BLD
+        if self.head == "scalar":
+            score = Linear((c.d_model,), (1,), ("embed", None), "BLD,DO->BLO", True, dtype, param_dtype,
+                           name="score_head")(x_BLD)
+            return score[..., 0].astype(jnp.float32)
+        if c.tie_embeddings:
+            logits_BLV = embed.attend(x_BLD)
+        else:
+            logits_BLV = Linear((c.d_model,), (c.vocab_size,), ("embed", "vocab"), "BLD,DV->BLV", False,
+                                dtype, param_dtype, name="lm_head")(x_BLD)
+        return nn.with_logical_constraint(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+class Embed(nn.Module):
+    """Token embedding [V, D]; `attend` is the tied output head."""
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("vocab", "embed")),
+            (c.vocab_size, c.d_model), _dtype(c.param_dtype))
+
+    def __call__(self, tokens_BL):
+        # Gather from the whole table (all-gathered, as FSDP does for every weight it uses): a lookup
+        # into a vocab/embed-sharded table would have to reshuffle its output onto the batch axis.
+        table_VD = nn.with_logical_constraint(self.embedding, (None, None))
+        return jnp.take(table_VD, tokens_BL, axis=0).astype(_dtype(self.config.dtype))
+
+    def attend(self, x_BLD):
+        dtype = _dtype(self.config.dtype)
+        return jnp.einsum("BLD,VD->BLV", x_BLD.astype(dtype), self.embedding.astype(dtype))
+
+
+def output_kernel(params: dict, config: ModelConfig) -> jax.Array:
+    """The LM head as [D, V]: the transposed embedding when tied, else `lm_head/kernel`."""
+    if config.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def target_logprobs(model: Transformer, params: dict, tokens_BL: jax.Array, positions_BL=None,
+                    segment_ids_BL=None, *, logprob_chunk: int = 0) -> jax.Array:
+    """log π(tokens[t+1] | tokens[≤t]) for t = 0 … L−2: [B, L−1] float32, aligned with loss_mask[:, 1:].
+
+    `logprob_chunk=0` is the reference path (full logits, then `ops.token_logprobs`); a positive
+    value computes the same from the final hidden states `logprob_chunk` vocabulary entries at a
+    time (`ops.chunked_token_logprobs`), so the [B, L, V] logits never exist.
+    """
+    variables = {"params": params}
+    if logprob_chunk <= 0:
+        logits_BLV = model.apply(variables, tokens_BL, positions_BL, segment_ids_BL)
+        return ops.token_logprobs(logits_BLV[:, :-1], tokens_BL[:, 1:])
+    hidden_BLD = model.apply(variables, tokens_BL, positions_BL, segment_ids_BL, return_hidden=True)
+    return ops.chunked_token_logprobs(hidden_BLD[:, :-1], output_kernel(params, model.config), tokens_BL[:, 1:],
+                                      chunk_size=logprob_chunk)

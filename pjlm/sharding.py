@@ -1,0 +1,141 @@
+"""The device mesh, the logical-axis rules, and shardings derived from them.
+
+Model code names logical axes only (`nn.with_logical_partitioning`, `nn.with_logical_constraint`);
+this module is the one place that maps them onto the ("data", "fsdp", "tensor") mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pjlm.config import MeshConfig, check_batch_divides_mesh, check_divides_mesh
+
+MESH_AXES = MeshConfig.AXES
+
+# Flax gives a mesh axis to the first rule that claims it, so `batch` comes first: activations
+# constrained as (batch, length, embed) then shard the batch over data×fsdp and replicate embed.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh with Auto axis types (GSPMD propagation, Linen constraints)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = config.resolve(len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def mesh_sizes(mesh: Mesh) -> dict[str, int]:
+    return dict(mesh.shape)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
+    """Activate the mesh and the logical rules: traced code inside resolves logical constraints."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield mesh
+
+
+def logical_to_sharding(logical_spec: Sequence[Optional[str]], mesh: Mesh) -> NamedSharding:
+    """NamedSharding for one array described by logical axis names."""
+    return nn.logical_to_mesh_sharding(P(*logical_spec), mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) axis over data×fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def tree_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree of `nn.LogicallyPartitioned` leaves (e.g. from `jax.eval_shape(init)`);
+    unannotated leaves are replicated. The result matches the unboxed tree."""
+    specs = nn.get_partition_spec(abstract_boxed)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args) -> tuple[Any, Any]:
+    """Run `init_fn(*args)` (returning a boxed tree) so every leaf is created already sharded.
+
+    Returns the unboxed tree and its shardings. Nothing is materialised unsharded: the shapes come
+    from `jax.eval_shape`, and the real initialisation is jitted with those `out_shardings`.
+    """
+    with use_mesh(mesh):
+        abstract = jax.eval_shape(init_fn, *args)
+        shardings = tree_shardings(abstract, mesh)
+        tree = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    return tree, shardings
+
+
+def init_model_params(model: nn.Module, mesh: Mesh, rng: jax.Array, seq_len: int = 8) -> tuple[Any, Any]:
+    """Parameters of a `pjlm.model.Transformer`, created sharded over `mesh`; returns (params, shardings)."""
+    check_divides_mesh(model.config, mesh_sizes(mesh))
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jax.numpy.int32)
+
+    def init(key):
+        return model.init(key, jax.numpy.zeros(tokens.shape, tokens.dtype))["params"]
+
+    return init_sharded(init, mesh, rng)
+
+
+def abstract_params(model: nn.Module, mesh: Mesh, seq_len: int = 8) -> tuple[Any, Any]:
+    """Shapes and shardings of the model's parameters without allocating them (for big presets)."""
+    with use_mesh(mesh):
+        boxed = jax.eval_shape(
+            lambda k: model.init(k, jax.numpy.zeros((1, seq_len), jax.numpy.int32))["params"],
+            jax.random.key(0))
+    # Unbox outside the mesh: with a mesh active, unboxing applies the sharding constraint eagerly.
+    return nn.unbox(boxed), tree_shardings(boxed, mesh)
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """A host batch (this process's rows) → global jax.Arrays sharded over data×fsdp on axis 0."""
+    def put(x):
+        x = np.asarray(x)
+        check_batch_divides_mesh(x.shape[0] * jax.process_count(), mesh_sizes(mesh))
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+    return jax.tree_util.tree_map(put, batch)
+
+
+def _launcher_asks_for_distributed() -> bool:
+    env = os.environ
+    if env.get("PJLM_DISTRIBUTED", "").lower() in ("1", "true", "yes"):
+        return True
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return True
+    return "," in env.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call `jax.distributed.initialize()` when the launcher says this is a multi-process run.
+
+    Multi-process means: PJLM_DISTRIBUTED=1, JAX_COORDINATOR_ADDRESS set, SLURM_NTASKS > 1, or a
+    multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several hosts). JAX reads the coordinator,
+    process count and index from the same environment. Must run before any other JAX call.
+    Returns whether it initialised.
+    """
+    if not _launcher_asks_for_distributed():
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    jax.distributed.initialize()
+    return True

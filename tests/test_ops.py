@@ -1,0 +1,71 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pjlm import ops
+
+
+def _np_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    B, L, D, V = 3, 7, 16, 50
+    hidden = rng.normal(size=(B, L, D)).astype(np.float32)
+    kernel = (rng.normal(size=(D, V)) * 0.5).astype(np.float32)
+    targets = rng.integers(0, V, size=(B, L)).astype(np.int32)
+    logits = (hidden.astype(np.float64) @ kernel.astype(np.float64))
+    return hidden, kernel, targets, logits
+
+
+def test_token_logprobs_equals_float64_reference(data):
+    _, _, targets, logits = data
+    ref = np.take_along_axis(_np_log_softmax(logits), targets[..., None], -1)[..., 0]
+    out = ops.token_logprobs(jnp.asarray(logits, jnp.float32), jnp.asarray(targets))
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    bf16 = ops.token_logprobs(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets))
+    assert bf16.dtype == jnp.float32
+    np.testing.assert_allclose(bf16, ref, atol=0.1)
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 50, 4096])
+def test_chunked_token_logprobs_equals_reference_and_its_gradient(data, chunk):
+    hidden, kernel, targets, logits = data
+    ref = np.take_along_axis(_np_log_softmax(logits), targets[..., None], -1)[..., 0]
+    out = ops.chunked_token_logprobs(jnp.asarray(hidden), jnp.asarray(kernel), jnp.asarray(targets), chunk_size=chunk)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=targets.shape), jnp.float32)
+    dense = lambda h, k: jnp.sum(weights * ops.token_logprobs(jnp.einsum("BLD,DV->BLV", h, k), targets))
+    chunked = lambda h, k: jnp.sum(weights * ops.chunked_token_logprobs(h, k, targets, chunk_size=chunk))
+    g_ref = jax.grad(dense, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(kernel))
+    g_out = jax.jit(jax.grad(chunked, argnums=(0, 1)))(jnp.asarray(hidden), jnp.asarray(kernel))
+    chex.assert_trees_all_close(g_out, g_ref, atol=1e-5)
+
+
+def test_sequence_logprobs_is_shifted_masked_sum(data):
+    _, _, targets, logits = data
+    mask = np.zeros(targets.shape, np.float32)
+    mask[0, 3:] = 1
+    mask[1, 1:5] = 1
+    mask[:, 0] = 1  # position 0 is never a target: must be ignored
+    logp = _np_log_softmax(logits)
+    ref = [sum(logp[b, t - 1, targets[b, t]] for t in range(1, targets.shape[1]) if mask[b, t]) for b in range(3)]
+    out = ops.sequence_logprobs(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.asarray(mask))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert out[2] == 0.0
+
+
+def test_entropy_equals_float64_reference(data):
+    _, _, _, logits = data
+    logp = _np_log_softmax(logits)
+    ref = -(np.exp(logp) * logp).sum(-1)
+    np.testing.assert_allclose(ops.entropy(jnp.asarray(logits, jnp.float32)), ref, atol=1e-5)
+    assert np.all(ref <= np.log(logits.shape[-1]) + 1e-9)
