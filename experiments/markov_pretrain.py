@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,15 +126,12 @@ def main(argv=None) -> float:
     config = model_preset("small", vocab_size=chain.vocab)
     model = Transformer(config)
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
-    params, param_shardings = sharding.init_model_params(model, mesh, jax.random.key(args.seed))
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.steps // 10, args.steps, args.lr / 10)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.95, weight_decay=0.01))
+    state, state_shardings = sharding.init_params_and_opt_state(model, optimizer, mesh, jax.random.key(args.seed))
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state[0]))
 
     with sharding.use_mesh(mesh):
-        opt_state = jax.jit(optimizer.init)(params)
-        state = (params, opt_state)
-        state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
         step = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer),
                        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                        out_shardings=(state_shardings, None), donate_argnums=0)

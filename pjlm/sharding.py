@@ -84,13 +84,27 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args) -> tuple[Any, A
     return tree, shardings
 
 
-def init_model_params(model: nn.Module, mesh: Mesh, rng: jax.Array, seq_len: int = 8) -> tuple[Any, Any]:
+def _boxed_params(model: nn.Module, key: jax.Array, seq_len: int = 8) -> Any:
+    return model.init(key, jax.numpy.zeros((1, seq_len), jax.numpy.int32))["params"]
+
+
+def init_model_params(model: nn.Module, mesh: Mesh, rng: jax.Array) -> tuple[Any, Any]:
     """Parameters of a `pjlm.model.Transformer`, created sharded over `mesh`; returns (params, shardings)."""
     check_divides_mesh(model.config, mesh_sizes(mesh))
-    tokens = jax.ShapeDtypeStruct((1, seq_len), jax.numpy.int32)
+    return init_sharded(lambda key: _boxed_params(model, key), mesh, rng)
+
+
+def init_params_and_opt_state(model: nn.Module, optimizer: Any, mesh: Mesh, rng: jax.Array) -> tuple[Any, Any]:
+    """(params, opt_state) and their shardings, both created sharded.
+
+    The optimizer is initialised on the boxed parameters, so its moments inherit each parameter's
+    logical axes (a plain `jax.jit(optimizer.init)(params)` would leave them on one device).
+    """
+    check_divides_mesh(model.config, mesh_sizes(mesh))
 
     def init(key):
-        return model.init(key, jax.numpy.zeros(tokens.shape, tokens.dtype))["params"]
+        params = _boxed_params(model, key)
+        return params, optimizer.init(params)
 
     return init_sharded(init, mesh, rng)
 
@@ -98,9 +112,7 @@ def init_model_params(model: nn.Module, mesh: Mesh, rng: jax.Array, seq_len: int
 def abstract_params(model: nn.Module, mesh: Mesh, seq_len: int = 8) -> tuple[Any, Any]:
     """Shapes and shardings of the model's parameters without allocating them (for big presets)."""
     with use_mesh(mesh):
-        boxed = jax.eval_shape(
-            lambda k: model.init(k, jax.numpy.zeros((1, seq_len), jax.numpy.int32))["params"],
-            jax.random.key(0))
+        boxed = jax.eval_shape(lambda k: _boxed_params(model, k, seq_len), jax.random.key(0))
     # Unbox outside the mesh: with a mesh active, unboxing applies the sharding constraint eagerly.
     return nn.unbox(boxed), tree_shardings(boxed, mesh)
 

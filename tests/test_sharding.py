@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -45,6 +46,18 @@ def test_params_are_created_sharded_and_sharded_forward_equals_single_device(mes
     ref_lp = jax.jit(lambda p, t: target_logprobs(model, p, t))(single, tokens)
     chex.assert_trees_all_close(np.asarray(sharded_lp), np.asarray(ref_lp), atol=2e-5, rtol=1e-5)
     assert sharded.sharding.spec[0] == ("data", "fsdp")
+
+
+def test_optimizer_moments_are_sharded_like_their_parameters(mesh):
+    model = Transformer(model_preset("tiny"))
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    (params, opt_state), _ = sharding.init_params_and_opt_state(model, optimizer, mesh, jax.random.key(0))
+    adam = opt_state[1][0]
+    flat_params = jax.tree_util.tree_leaves_with_path(params)
+    for moments in (adam.mu, adam.nu):
+        for (path, p), m in zip(flat_params, jax.tree_util.tree_leaves(moments)):
+            assert m.shape == p.shape and m.sharding == p.sharding, jax.tree_util.keystr(path)
+    assert adam.mu["layers"]["mlp"]["up"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
 
 
 def test_tinyllama_shards_every_large_parameter(mesh):
