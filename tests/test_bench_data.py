@@ -1,0 +1,9 @@
+from experiments import bench_data
+
+
+def test_data_benchmark_runs(capsys):
+    result = bench_data.main(["--docs", "2000", "--seq-len", "128", "--batch", "8", "--vocab", "512"])
+    assert result["tokens"] > 20_000
+    assert all(result[k] > 0 for k in ("tokenize_tok_s", "pack_tok_s", "batch_tok_s"))
+    out = capsys.readouterr().out
+    assert "tokenize:" in out and "batch assembly:" in out
