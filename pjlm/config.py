@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Optional
+import typing
+from typing import Literal, Optional, Sequence
 
 Remat = Literal["none", "full", "save_dots"]
 Attention = Literal["einsum", "xla", "cudnn"]
@@ -181,3 +182,207 @@ def model_preset(name: str, **overrides) -> ModelConfig:
     if name not in _PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(_PRESETS)}")
     return ModelConfig(**{**_PRESETS[name], **overrides}).validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup and decay, global-norm clipping, masked weight decay, gradient accumulation."""
+
+    learning_rate: float = 3e-4
+    """Peak learning rate, reached after `warmup_steps`."""
+    warmup_steps: int = 100
+    """Linear warmup from 0."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay from the peak to `min_lr_ratio`·peak over the rest of the run."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    b1: float = 0.9
+    """Adam β1."""
+    b2: float = 0.95
+    """Adam β2."""
+    eps: float = 1e-8
+    """Adam ε."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to norms and biases."""
+    decay_embeddings: bool = False
+    """Also decay the embedding table (and the untied output head)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    grad_accum: int = 1
+    """Micro-batches per step; the step's batch is split k ways and the gradients are exact."""
+    state_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage dtype of Adam's moments (bfloat16 for memory and like-for-like benchmarks)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how it is cut into batches."""
+
+    source: str = "synthetic"
+    """A local json/jsonl/parquet/text file (comma-separate several), a Hub dataset name, or
+    'synthetic' (the built-in review corpus; for SFT, sentiment-conditioned review prompts)."""
+    schema: Optional[str] = None
+    """text, sft, preference or prompts; None detects it from the columns."""
+    eval_source: Optional[str] = None
+    """Held-out data; None holds out the last `eval_rows` rows of `source`."""
+    eval_rows: int = 500
+    """Rows held out of `source` when there is no `eval_source`."""
+    synthetic_docs: int = 20000
+    """Documents of the built-in corpus."""
+    tokenizer: Optional[str] = None
+    """A `.model`, `tokenizer.json` or directory; None: the run's saved tokenizer, else `init_from`'s,
+    else a sentencepiece BPE trained on the training data."""
+    tokenizer_vocab_size: int = 2048
+    """Vocabulary of a tokenizer trained here."""
+    seq_len: int = 256
+    """Packed row length (pre-training) and the longest SFT row."""
+    pack: bool = True
+    """Pack several documents/examples per row; False pads one example per row to `buckets`."""
+    buckets: tuple[int, ...] = ()
+    """Padded lengths for unpacked rows; each is one compile. Empty means (seq_len,)."""
+    max_prompt_len: Optional[int] = None
+    """Prompt tokens kept (its end) when a row is too long; None = seq_len // 2."""
+    batch_size: int = 32
+    """Global batch size in rows; a multiple of the mesh's data×fsdp."""
+    seed: int = 0
+    """Seeds the batch order (with epoch and step)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A malformed row stops the run naming it, or is skipped and counted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The run: phase, length, cadences."""
+
+    phase: Literal["pretrain", "sft"] = "pretrain"
+    """Which step to run."""
+    steps: int = 1000
+    """Total optimizer steps."""
+    log_every: int = 10
+    """Pull and write metrics every N steps."""
+    eval_every: int = 200
+    """Held-out loss/perplexity every N steps (0 = never)."""
+    eval_batches: int = 4
+    """Batches per evaluation."""
+    checkpoint_every: int = 200
+    """Save every N steps (and at the end, and on SIGTERM)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept on disk."""
+    init_from: Optional[str] = None
+    """A work directory (its latest checkpoint) or a checkpoint step directory whose parameters
+    start this run; the optimizer starts fresh. Ignored when the run resumes from its own checkpoint."""
+    seed: int = 0
+    """Seeds parameter initialisation and the step RNG."""
+    logprob_chunk: int = 0
+    """Compute log-probs this many vocabulary entries at a time (0 = full logits)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run of one phase. Experiment files define `get_config() -> Config`."""
+
+    model: ModelConfig = dataclasses.field(default_factory=lambda: model_preset("small"))
+    """The model; its vocab_size is replaced by the tokenizer's at run time."""
+    mesh: MeshConfig = MeshConfig()
+    """Device mesh."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    """Optimizer."""
+    data: DataConfig = DataConfig()
+    """Data."""
+    train: TrainConfig = TrainConfig()
+    """Run length and cadences."""
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        if self.optimizer.grad_accum < 1 or self.data.batch_size % self.optimizer.grad_accum:
+            raise ConfigError(f"data.batch_size={self.data.batch_size} is not divisible by "
+                              f"optimizer.grad_accum={self.optimizer.grad_accum}")
+        for name in ("steps", "log_every", "checkpoint_every"):
+            if getattr(self.train, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive")
+        if self.data.seq_len > self.model.max_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}")
+        return self
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a (nested) config dataclass from `to_dict`'s output; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key {key!r} for {cls.__name__}")
+        t = hints[key]
+        kwargs[key] = from_dict(t, value) if dataclasses.is_dataclass(t) else _coerce(t, value, key)
+    return cls(**kwargs)
+
+
+def _coerce(t, value, key: str):
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if value is None:
+        if origin is typing.Union and type(None) in args:
+            return None
+        raise ConfigError(f"{key} cannot be None")
+    if origin is typing.Union:
+        return _coerce(next(a for a in args if a is not type(None)), value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r}; choose one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(_coerce(args[0], v, key) for v in items if v != "")
+    if t is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
+            return value.lower() in ("true", "1", "yes")
+        return bool(value)
+    if t in (int, float, str):
+        try:
+            return t(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not a valid {t.__name__}") from None
+    return value
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """Apply `section.field=value` strings (as given to `--set`); errors list the valid keys."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, value = item.split("=", 1)
+        config = _set(config, key.strip().split("."), value, key)
+    return config.validate()
+
+
+def _set(obj, path: list[str], value: str, full_key: str):
+    fields = {f.name for f in dataclasses.fields(obj)}
+    name = path[0]
+    if name not in fields:
+        valid = ", ".join(sorted(_keys(obj)))
+        raise ConfigError(f"unknown config key {full_key!r}; valid keys: {valid}")
+    current = getattr(obj, name)
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"config key {full_key!r}: {name} has no sub-fields")
+        return dataclasses.replace(obj, **{name: _set(current, path[1:], value, full_key)})
+    if dataclasses.is_dataclass(current):
+        raise ConfigError(f"config key {full_key!r} is a section; set one of its fields, e.g. {full_key}."
+                          f"{dataclasses.fields(current)[0].name}=...")
+    t = typing.get_type_hints(type(obj))[name]
+    parsed = None if value.lower() in ("none", "null") else value
+    return dataclasses.replace(obj, **{name: _coerce(t, parsed, full_key)})
+
+
+def _keys(obj, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + f.name
+        out += _keys(value, key + ".") if dataclasses.is_dataclass(value) else [key]
+    return out

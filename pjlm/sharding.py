@@ -128,9 +128,12 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 def _launcher_asks_for_distributed() -> bool:
     env = os.environ
-    if env.get("PJLM_DISTRIBUTED", "").lower() in ("1", "true", "yes"):
+    flag = env.get("PJLM_DISTRIBUTED", "").strip().lower()
+    if flag in ("1", "true", "yes"):
         return True
-    if env.get("JAX_COORDINATOR_ADDRESS"):
+    if flag in ("0", "false", "no"):  # explicit opt-out, e.g. a one-process tool inside a multi-task SLURM job
+        return False
+    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("JAX_NUM_PROCESSES", "1").strip() not in ("", "1"):
         return True
     if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
         return True
@@ -140,14 +143,34 @@ def _launcher_asks_for_distributed() -> bool:
 def maybe_initialize_distributed() -> bool:
     """Call `jax.distributed.initialize()` when the launcher says this is a multi-process run.
 
-    Multi-process means: PJLM_DISTRIBUTED=1, JAX_COORDINATOR_ADDRESS set, SLURM_NTASKS > 1, or a
-    multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several hosts). JAX reads the coordinator,
-    process count and index from the same environment. Must run before any other JAX call.
+    Multi-process means: PJLM_DISTRIBUTED=1, JAX_COORDINATOR_ADDRESS set (or JAX_NUM_PROCESSES > 1),
+    SLURM_NTASKS > 1, or a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several hosts);
+    PJLM_DISTRIBUTED=0 forces a one-process run. On TPU slices and under SLURM, JAX detects the
+    coordinator, process count and index itself. Anywhere else (e.g. several processes on one
+    machine) set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID: jax reads only the first from the environment, so all three are passed
+    explicitly and JAX's cluster auto-detection is switched off. CPU cross-process collectives need
+    nothing here: jax 0.10.2's default `jax_cpu_collectives_implementation` is gloo. Must run before
+    any other JAX call (see launch/README.md).
     Returns whether it initialised.
     """
     if not _launcher_asks_for_distributed():
         return False
     if jax.distributed.is_initialized():
         return True
-    jax.distributed.initialize()
+    env = os.environ
+    count, index = env.get("JAX_NUM_PROCESSES", "").strip(), env.get("JAX_PROCESS_ID", "").strip()
+    coordinator = env.get("JAX_COORDINATOR_ADDRESS", "").strip()
+    kwargs = {}
+    if count or index:
+        where = f"JAX_NUM_PROCESSES={count!r}, JAX_PROCESS_ID={index!r}, JAX_COORDINATOR_ADDRESS={coordinator!r}"
+        if not (count and index and coordinator):
+            raise ValueError(f"a multi-process run started by hand needs all of JAX_COORDINATOR_ADDRESS (host:port "
+                             f"of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID; got {where}")
+        if not (count.isdigit() and index.isdigit() and int(index) < int(count)):
+            raise ValueError(f"JAX_NUM_PROCESSES must be a positive integer and JAX_PROCESS_ID one in "
+                             f"[0, JAX_NUM_PROCESSES); got {where}")
+        kwargs = dict(coordinator_address=coordinator, num_processes=int(count), process_id=int(index),
+                      cluster_detection_method="deactivate")
+    jax.distributed.initialize(**kwargs)
     return True

@@ -95,7 +95,8 @@ def test_batch_not_dividing_data_and_fsdp_is_a_config_error(mesh):
 
 
 def test_distributed_init_only_when_the_launcher_asks(monkeypatch):
-    for var in ("PJLM_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+    for var in ("PJLM_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+                "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(var, raising=False)
     assert sharding.maybe_initialize_distributed() is False
     monkeypatch.setenv("SLURM_NTASKS", "4")

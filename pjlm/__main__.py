@@ -1,0 +1,5 @@
+import sys
+
+from pjlm.cli import main
+
+sys.exit(main())

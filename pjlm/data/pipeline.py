@@ -1,0 +1,110 @@
+"""From a `DataConfig` to a tokenizer and train/eval `Batcher`s: the data side of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import datasets
+import jax
+
+from pjlm.config import DataConfig
+from pjlm.data import batching, sources, synthetic
+from pjlm.data.loader import Batcher
+from pjlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
+
+TOKENIZER_FILE = "tokenizer.model"
+_SCHEMA_OF_PHASE = {"pretrain": "text", "sft": "sft"}
+
+
+def synthetic_rows(phase: str, n_docs: int, seed: int = 0) -> datasets.Dataset:
+    """The built-in corpus: reviews as text (pre-training), or sentiment-conditioned requests and the
+    matching reviews (SFT), labelled by VADER's compound score (> 0.05 positive, < −0.05 negative)."""
+    docs = synthetic.generate(n_docs, seed)
+    if phase == "pretrain":
+        return datasets.Dataset.from_dict({"text": docs})
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader = SentimentIntensityAnalyzer()
+    rows = {"prompt": [], "response": []}
+    for doc in docs:
+        score = vader.polarity_scores(doc)["compound"]
+        if abs(score) > 0.05:
+            rows["prompt"].append(f"Write a {'positive' if score > 0 else 'negative'} review.\n")
+            rows["response"].append(doc)
+    return datasets.Dataset.from_dict(rows)
+
+
+def load_rows(cfg: DataConfig, phase: str) -> tuple[datasets.Dataset, Optional[datasets.Dataset], str, dict]:
+    """Normalised train and held-out rows, the schema, and the normalisation stats."""
+    schema = cfg.schema or _SCHEMA_OF_PHASE.get(phase)
+    if cfg.source == "synthetic":
+        raw = synthetic_rows(phase, cfg.synthetic_docs, cfg.seed)
+    else:
+        raw = sources.load_source([s.strip() for s in cfg.source.split(",")])
+    rows, stats = sources.normalize(raw, schema, on_error=cfg.on_error)
+    if cfg.eval_source:
+        eval_rows, _ = sources.normalize(sources.load_source([s.strip() for s in cfg.eval_source.split(",")]),
+                                         stats["schema"], on_error=cfg.on_error)
+    elif cfg.eval_rows > 0:
+        if len(rows) <= cfg.eval_rows:
+            raise ValueError(f"data.eval_rows={cfg.eval_rows} leaves no training rows out of {len(rows)}; "
+                             "lower it or set data.eval_source")
+        eval_rows = rows.select(range(len(rows) - cfg.eval_rows, len(rows)))
+        rows = rows.select(range(len(rows) - cfg.eval_rows))
+    else:
+        eval_rows = None
+    return rows, eval_rows, stats["schema"], stats
+
+
+def _texts_for_tokenizer(rows: datasets.Dataset, schema: str, limit: int = 20000):
+    subset = rows.select(range(min(limit, len(rows))))
+    if schema == "text":
+        yield from subset["text"]
+    elif schema == "sft":
+        for pieces in subset["pieces"]:
+            yield "".join(pieces)
+    elif schema == "preference":
+        for row in subset:
+            yield "".join(row["prompt_pieces"]) + row["chosen"]
+            yield row["rejected"]
+    else:
+        for pieces in subset["prompt_pieces"]:
+            yield "".join(pieces)
+
+
+def get_tokenizer(cfg: DataConfig, workdir: Path, rows: datasets.Dataset, schema: str,
+                  init_from: Optional[str] = None) -> Tokenizer:
+    """The configured tokenizer; else the run's saved one; else `init_from`'s; else train one here
+    (saved in the work directory, so a resumed run and `pjlm sample` use the same)."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    saved = workdir / TOKENIZER_FILE
+    if saved.exists():
+        return load_tokenizer(saved)
+    if init_from and (Path(init_from) / TOKENIZER_FILE).exists():
+        tokenizer = load_tokenizer(Path(init_from) / TOKENIZER_FILE)
+    else:
+        tokenizer = SentencePieceTokenizer.train(_texts_for_tokenizer(rows, schema),
+                                                 vocab_size=cfg.tokenizer_vocab_size)
+    # Every process trains the same tokenizer (deterministic: same rows, one thread), so none has to
+    # wait for another's file; only process 0 writes it.
+    if isinstance(tokenizer, SentencePieceTokenizer) and jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(saved)
+    return tokenizer
+
+
+def make_batcher(rows: datasets.Dataset, schema: str, cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int, *,
+                 batch_size: int, seed: int, process_index: int = 0, process_count: int = 1) -> tuple[Batcher, dict]:
+    """Tokenize (and pack) normalised rows into a Batcher; returns it with the tokenization stats."""
+    buckets = tuple(cfg.buckets) or (cfg.seq_len,)
+    max_len = cfg.seq_len if cfg.pack or schema == "text" else max(buckets)
+    ids, stats = batching.tokenize(rows, tokenizer, schema, max_len=1 << 30 if schema == "text" else max_len,
+                                   max_prompt_len=cfg.max_prompt_len)
+    common = dict(global_batch_size=batch_size, vocab_size=vocab_size, pad_id=tokenizer.pad_id, seed=seed,
+                  process_index=process_index, process_count=process_count)
+    if schema == "text" or (schema == "sft" and cfg.pack):
+        packed = batching.pack(ids, cfg.seq_len, split_documents=schema == "text", pad_id=tokenizer.pad_id)
+        return Batcher(packed, "packed", **common), stats
+    return Batcher(ids, schema, buckets=buckets, **common), stats

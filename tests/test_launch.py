@@ -1,0 +1,232 @@
+"""Launching: multi-process training on one machine matches one process, and the launchers' pieces.
+
+The slow test starts `python -m pjlm train` twice on localhost with `jax.distributed` (2 processes ×
+4 CPU devices, coordinator on 127.0.0.1) and once as a single process with 8 devices, on the same
+config and global batch, and compares the losses process 0 logged step by step. The cheap tests
+cover `maybe_initialize_distributed`'s reading of the launcher's environment (without starting
+anything), the XLA flag files (checked against the installed jaxlib) and the launch scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import pytest
+
+from pjlm import sharding
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+RUN_TIMEOUT_S = 180  # per launch; each takes 15-30 s on 2 cores
+STEPS = 6
+
+# An experiment file with tests/train/conftest.py's tiny run (loaded by path, so it stays the same
+# Config), shortened to 6 steps and logging every step.
+EXPERIMENT = f'''
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("_pjlm_tiny_config", {str(REPO / "tests" / "train" / "conftest.py")!r})
+_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_conftest)
+
+
+def get_config():
+    return _conftest.tiny_config(train=dict(steps={STEPS}, log_every=1, eval_every=0))
+'''
+
+# Variables a launcher, a cluster or this pytest process may have set that must not leak into the
+# child runs: they would change their device count or make them join (or skip) a distributed run.
+_LEAKY_PREFIXES = ("JAX_", "XLA_", "PJLM_", "SLURM_", "TPU_", "MEGASCALE_", "OMPI_", "PMI_", "LIBTPU_")
+
+
+def _child_env(tmp_path: Path, devices: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(_LEAKY_PREFIXES) and not k.lower().endswith("_proxy")}  # gRPC honours proxies
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               HF_HOME=str(tmp_path / "hf-home"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else ["<no output>"]
+    return "\n".join(lines[-n:])
+
+
+def _launch(config: Path, workdir: Path, envs: list[dict[str, str]], logs: Path) -> float:
+    """Start one `pjlm train` per env and wait for all; on a failure or after RUN_TIMEOUT_S, kill
+    every process still running and fail with the logs' tails. Returns the wall time."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[tuple[subprocess.Popen, Path]] = []
+    start = time.monotonic()
+    try:
+        for i, env in enumerate(envs):
+            log = logs / f"process{i}.log"
+            with open(log, "w") as out:
+                procs.append((subprocess.Popen(
+                    [sys.executable, "-m", "pjlm", "train", str(config), "--workdir", str(workdir)],
+                    cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT), log))
+        while True:
+            codes = [p.poll() for p, _ in procs]
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            timed_out = time.monotonic() - start > RUN_TIMEOUT_S
+            if failed or timed_out:
+                what = f"process(es) {failed} exited with {[codes[i] for i in failed]}" if failed else \
+                    f"timed out after {RUN_TIMEOUT_S} s"
+                pytest.fail(f"{len(procs)}-process run {what}\n" + "\n".join(
+                    f"--- process {i} ({log}):\n{_tail(log)}" for i, (_, log) in enumerate(procs)))
+            if all(c == 0 for c in codes):
+                return time.monotonic() - start
+            time.sleep(0.2)
+    finally:
+        for p, _ in procs:  # only reached with live processes after a failure or an interrupt
+            if p.poll() is None:
+                p.kill()
+        for p, _ in procs:
+            p.wait(timeout=30)
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_one_process_loss(tmp_path):
+    config = tmp_path / "tiny_experiment.py"
+    config.write_text(EXPERIMENT)
+    one, two = tmp_path / "one-process", tmp_path / "two-processes"
+
+    t_one = _launch(config, one, [_child_env(tmp_path, 8)], tmp_path / "logs-one")
+    # No tokenizer is in place: both processes train the same one, and only process 0 writes it.
+    coordinator = f"127.0.0.1:{_free_port()}"
+    envs = [_child_env(tmp_path, 4, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
+                       JAX_PROCESS_ID=str(i)) for i in range(2)]
+    t_two = _launch(config, two, envs, tmp_path / "logs-two")
+
+    ref, got = _metrics(one), _metrics(two)
+    # One writer (process 0), one line per step: two independent runs would both write here.
+    assert [m["step"] for m in ref] == [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for m in ref + got:  # both runs saw 8 global devices (the throughput is also given per device)
+        assert round(m["tokens_per_s"] / m["tokens_per_s_per_device"]) == 8
+    assert [m["tokens"] for m in got] == [m["tokens"] for m in ref]  # the same global batches
+    losses = [(m1["loss"], m2["loss"]) for m1, m2 in zip(ref, got)]
+    print(f"\none process: {t_one:.1f} s, two processes: {t_two:.1f} s; losses (1 process, 2 processes): {losses}")
+    for m1, m2 in zip(ref, got):
+        assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5), f"step {m1['step']}"
+        assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4), f"step {m1['step']}"
+    assert ref[-1]["loss"] < ref[0]["loss"]  # it trained
+    assert (two / "checkpoints" / str(STEPS)).is_dir()  # both processes wrote their checkpoint shards
+
+
+# --- maybe_initialize_distributed: which environments start jax.distributed, and with what ---
+
+_DETECTED = ("PJLM_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+             "TPU_WORKER_HOSTNAMES")
+
+
+@pytest.fixture
+def initialize_calls(monkeypatch):
+    """A clean launcher environment; records jax.distributed.initialize calls instead of making them."""
+    for var in _DETECTED:
+        monkeypatch.delenv(var, raising=False)
+    calls: list[dict] = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, None),
+    ({"SLURM_NTASKS": "1"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "t1v-0"}, None),
+    ({"PJLM_DISTRIBUTED": "1"}, {}),  # TPU pods: jax reads the slice's metadata
+    ({"PJLM_DISTRIBUTED": "true"}, {}),
+    ({"SLURM_NTASKS": "16"}, {}),  # SLURM: jax reads SLURM_*
+    ({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1"}, {}),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, {}),  # jax reads it, and auto-detects the rest
+    ({"PJLM_DISTRIBUTED": "0", "SLURM_NTASKS": "16"}, None),  # explicit opt-out
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:5555", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+     dict(coordinator_address="127.0.0.1:5555", num_processes=2, process_id=1, cluster_detection_method="deactivate")),
+])
+def test_initialize_distributed_follows_the_launcher(monkeypatch, initialize_calls, env, expected):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert sharding.maybe_initialize_distributed() is (expected is not None)
+    assert initialize_calls == ([] if expected is None else [expected])
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "JAX_COORDINATOR_ADDRESS"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, r"\[0, JAX_NUM_PROCESSES\)"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "positive integer"),
+])
+def test_initialize_distributed_rejects_a_partial_manual_setup(monkeypatch, initialize_calls, env, match):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
+        sharding.maybe_initialize_distributed()
+    assert initialize_calls == []
+
+
+def test_initialize_distributed_is_idempotent(monkeypatch, initialize_calls):
+    monkeypatch.setenv("PJLM_DISTRIBUTED", "1")
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    assert sharding.maybe_initialize_distributed() is True
+    assert initialize_calls == []
+
+
+# --- the flag files and the scripts ---
+
+bash = pytest.mark.skipif(shutil.which("bash") is None, reason="the launchers are bash scripts")
+
+
+def _bash(script: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@bash
+def test_xla_flag_files_are_accepted_by_this_jaxlib(tmp_path):
+    """XLA parses every --xla_* flag (GPU ones too) at start-up and aborts on an unknown one, so a CPU
+    run checks the GPU file's flag names; libtpu's flags can only be checked on a TPU."""
+    env = {k: v for k, v in _child_env(tmp_path, 1).items() if k != "XLA_FLAGS"}
+    probe = (f"{sys.executable} -c 'import jax; x = jax.numpy.arange(8.0).sum(); "
+             "print(jax.device_count(), float(x))'")
+    out = _bash(f"source launch/xla/h100.env && source launch/xla/cpu_test.env && {probe}", env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["4", "28.0"]  # cpu_test.env's 4 devices, appended to h100's flags
+    for tpu in ("tpu_v4.env", "tpu_v5e.env"):
+        out = _bash(f'source launch/xla/{tpu} && echo "$LIBTPU_INIT_ARGS"', env)
+        assert out.returncode == 0 and "--xla_tpu_enable_latency_hiding_scheduler=true" in out.stdout, out.stderr
+
+
+@bash
+def test_launch_scripts(tmp_path):
+    env = _child_env(tmp_path, 1)
+    for script in ("tpu_pod.sh", "slurm.sbatch"):
+        assert _bash(f"bash -n launch/{script}", env).returncode == 0, script
+    env.update(TPU_NAME="my-v4-32", ZONE="us-central2-b", DRY_RUN="1", VENV="~/venv")
+    out = _bash("bash launch/tpu_pod.sh experiments/pretrain_synthetic.py '/mnt/gcs/runs/a b' "
+                "--set train.steps=20", env)
+    assert out.returncode == 0, out.stderr
+    remote = out.stdout.splitlines()[0]
+    assert remote == ("on every worker: cd ~/pjlm && source ~/venv/bin/activate && source launch/xla/tpu_v4.env && "
+                      "export PJLM_DISTRIBUTED=1 && python3 -m pjlm train experiments/pretrain_synthetic.py "
+                      "--workdir /mnt/gcs/runs/a\\ b --set train.steps=20")
+    assert "gcloud compute tpus tpu-vm ssh my-v4-32 --zone us-central2-b --worker=all" in out.stdout
+    out = _bash("bash launch/tpu_pod.sh experiments/pretrain_synthetic.py gs://bucket/run", env)
+    assert out.returncode == 2 and "gcsfuse" in out.stderr

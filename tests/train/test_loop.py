@@ -1,0 +1,119 @@
+import math
+import os
+import signal
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from pjlm import checkpoint as ckpt_lib
+from pjlm import metrics as metrics_lib
+from pjlm import sharding
+from pjlm.config import MeshConfig
+from pjlm.data.loader import Batcher
+from pjlm.train import loop
+
+
+def _unigram_entropy(batcher, steps):
+    counts = np.zeros(batcher.vocab_size)
+    for s in range(steps):
+        b = batcher.batch(s)
+        np.add.at(counts, b["tokens"][b["loss_mask"] > 0], 1)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@pytest.mark.slow
+def test_loss_falls_below_the_unigram_entropy(make_config, tmp_path):
+    config = make_config(train=dict(steps=120, log_every=20, eval_every=120, eval_batches=4, checkpoint_every=120),
+                         data=dict(synthetic_docs=1500))
+    result = loop.run(config, tmp_path)
+    r = loop.setup(result and config, tmp_path)  # same data, for the reference entropy
+    unigram = _unigram_entropy(r.train_batches, 20)
+    final = [h for h in result.history if "eval_loss" in h][-1]["eval_loss"]
+    assert final < unigram - 0.3, (final, unigram)
+    logged = metrics_lib.read_metrics(tmp_path)
+    losses = [m["loss"] for m in logged if "loss" in m]
+    assert [m["step"] for m in logged if "loss" in m] == [20, 40, 60, 80, 100, 120]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "tokenizer.model").exists() and (tmp_path / "config.json").exists()
+
+
+def test_resume_after_sigterm_equals_uninterrupted(make_config, tmp_path, monkeypatch):
+    config = make_config(train=dict(steps=20, checkpoint_every=5))
+    straight = loop.run(config, tmp_path / "straight")
+
+    original = Batcher.batch
+
+    def preempt_at_10(self, step):
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop saves after this step and returns
+        return original(self, step)
+
+    monkeypatch.setattr(Batcher, "batch", preempt_at_10)
+    first = loop.run(config, tmp_path / "resumed")
+    assert int(first.state.step) == 11
+    assert ckpt_lib.Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 11
+    monkeypatch.setattr(Batcher, "batch", original)
+    resumed = loop.run(config, tmp_path / "resumed")
+    assert int(resumed.state.step) == 20
+    chex.assert_trees_all_equal(jax.device_get(resumed.state.params), jax.device_get(straight.state.params))
+    chex.assert_trees_all_equal(jax.device_get(resumed.state.opt_state), jax.device_get(straight.state.opt_state))
+
+
+def test_checkpoint_from_one_mesh_restores_on_another(make_config, tmp_path):
+    config = make_config(mesh=dict(data=2, fsdp=2, tensor=2), train=dict(steps=3, checkpoint_every=3))
+    result = loop.run(config, tmp_path)
+    q = result.state.params["layers"]["attn"]["q"]["kernel"]
+    assert q.sharding.spec[2] == "tensor"
+    r = loop.setup(config, tmp_path)
+    other = sharding.make_mesh(MeshConfig(data=8, fsdp=1, tensor=1))
+    abstract, shardings = loop.abstract_state(r.model, r.tx, other)
+    target = ckpt_lib.abstract_like(abstract, shardings)
+    params, train, meta = ckpt_lib.Checkpointer(tmp_path / "checkpoints").restore(None, target.params,
+                                                                                 loop._train_item(target))
+    assert meta["step"] == 3 and int(train["step"]) == 3
+    assert params["layers"]["attn"]["q"]["kernel"].sharding.mesh.shape["data"] == 8
+    chex.assert_trees_all_equal(jax.device_get(params), jax.device_get(result.state.params))
+
+
+def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_finite_checkpoint(make_config, tmp_path, monkeypatch):
+    config = make_config(train=dict(steps=20, log_every=10, checkpoint_every=5))
+    original = Batcher.batch
+
+    def poisoned(self, step):
+        batch = original(self, step)
+        if step == 6:  # the 7th update: after the save at 5, before the log at 10
+            batch["loss_mask"] = batch["loss_mask"].copy()
+            batch["loss_mask"][0, 3] = np.nan
+        return batch
+
+    monkeypatch.setattr(Batcher, "batch", poisoned)
+    with pytest.raises(loop.NonFiniteError, match=r"at step 7; the last good checkpoint is step 5"):
+        loop.run(config, tmp_path)
+    checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
+    assert checkpointer.all_steps() == [5]
+    r = loop.setup(config, tmp_path)
+    abstract, shardings = loop.abstract_state(r.model, r.tx, r.mesh)
+    target = ckpt_lib.abstract_like(abstract, shardings)
+    params, train, _ = checkpointer.restore(5, target.params, loop._train_item(target))
+    assert ckpt_lib.all_finite(params) and ckpt_lib.all_finite(train)
+
+
+def test_init_from_loads_the_earlier_phase_and_checks_the_tokenizer(make_config, tmp_path):
+    pre = loop.run(make_config(train=dict(steps=4, checkpoint_every=4)), tmp_path / "pre")
+    sft = make_config(train=dict(phase="sft", steps=2, checkpoint_every=2, init_from=str(tmp_path / "pre")),
+                      optimizer=dict(learning_rate=0.0))
+    result = loop.run(sft, tmp_path / "sft")
+    chex.assert_trees_all_equal(jax.device_get(result.state.params), jax.device_get(pre.state.params))
+    assert (tmp_path / "sft" / "tokenizer.model").read_bytes() == (tmp_path / "pre" / "tokenizer.model").read_bytes()
+
+    other = make_config(train=dict(phase="sft", steps=2, init_from=str(tmp_path / "pre")),
+                        data=dict(tokenizer_vocab_size=330))
+    (tmp_path / "other").mkdir()
+    from pjlm.data.tokenizer import SentencePieceTokenizer
+    SentencePieceTokenizer.train(["a different corpus entirely"] * 50, vocab_size=300).save(
+        tmp_path / "other" / "tokenizer.model")
+    with pytest.raises(ckpt_lib.CheckpointError, match="set data.tokenizer to the checkpoint's tokenizer"):
+        loop.run(other, tmp_path / "other")
