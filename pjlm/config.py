@@ -254,7 +254,7 @@ class DataConfig:
 class TrainConfig:
     """The run: phase, length, cadences."""
 
-    phase: Literal["pretrain", "sft"] = "pretrain"
+    phase: Literal["pretrain", "sft", "reward", "dpo"] = "pretrain"
     """Which step to run."""
     steps: int = 1000
     """Total optimizer steps."""
@@ -278,6 +278,31 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+    """Reward-model and DPO-family settings."""
+
+    beta: float = 0.1
+    """KL strength β: DPO's inverse temperature on the implicit reward."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = "sigmoid"
+    """DPO-family loss (see `pjlm.losses.dpo_loss`)."""
+    label_smoothing: float = 0.0
+    """ε: conservative DPO's smoothing (sigmoid) or the assumed label-flip rate (robust)."""
+    simpo_gamma: float = 0.0
+    """SimPO's target reward margin γ."""
+    ipo_length_normalize: bool = True
+    """IPO on per-token (length-normalised) log-probs rather than summed ones."""
+    nll_coef: float = 0.0
+    """Weight of an NLL term on the chosen response."""
+    precompute_ref: bool = False
+    """Compute the reference log-probs once over the dataset before training and cache them in the work
+    directory by example_id (then the reference model is not kept in memory)."""
+    reward_margin: float = 0.0
+    """Reward model: required margin in −log σ(r_w − r_l − margin)."""
+    center_coef: float = 0.0
+    """Reward model: weight of (r_w + r_l)², keeping rewards centred."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One run of one phase. Experiment files define `get_config() -> Config`."""
 
@@ -291,6 +316,8 @@ class Config:
     """Data."""
     train: TrainConfig = TrainConfig()
     """Run length and cadences."""
+    preference: PreferenceConfig = PreferenceConfig()
+    """Reward-model and DPO settings (used by those phases)."""
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -300,8 +327,10 @@ class Config:
         for name in ("steps", "log_every", "checkpoint_every"):
             if getattr(self.train, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive")
-        if self.data.seq_len > self.model.max_len:
-            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}")
+        longest = max((self.data.seq_len, *self.data.buckets))
+        if longest > self.model.max_len:
+            raise ConfigError(f"data.seq_len / data.buckets reach {longest}, beyond model.max_len="
+                              f"{self.model.max_len}; shorten them or raise model.max_len")
         return self
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import require
+from pjlm_testing import require
 from pjlm import hf, sharding
 from pjlm.config import ConfigError, MeshConfig
 from pjlm.model import Transformer

@@ -28,12 +28,12 @@ LAUNCH = REPO / "launch"
 RUN_TIMEOUT_S = 180  # per launch; each takes 15-30 s on 2 cores
 STEPS = 6
 
-# An experiment file with tests/train/conftest.py's tiny run (loaded by path, so it stays the same
+# An experiment file with tests/pjlm_testing.py's tiny run (loaded by path, so it stays the same
 # Config), shortened to 6 steps and logging every step.
 EXPERIMENT = f'''
 import importlib.util
 
-_spec = importlib.util.spec_from_file_location("_pjlm_tiny_config", {str(REPO / "tests" / "train" / "conftest.py")!r})
+_spec = importlib.util.spec_from_file_location("_pjlm_tiny_config", {str(REPO / "tests" / "pjlm_testing.py")!r})
 _conftest = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_conftest)
 

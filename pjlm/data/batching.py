@@ -108,7 +108,7 @@ def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, schema: str, *, max_len
             prompt = bos + [t for piece in p_pieces for t in piece]
             p1, c1, cut_c = _truncate_prompt_response(prompt, c + eos, max_len, max_prompt_len)
             _, r1, cut_r = _truncate_prompt_response(prompt, r + eos, max_len, max_prompt_len)
-            if not c1 or not r1:
+            if not c1 or not r1 or c1 == r1:  # nothing to learn from: dropped and counted, never a NaN
                 continue
             out["prompt_ids"].append(p1)
             out["chosen_ids"].append(c1)

@@ -74,21 +74,27 @@ class Batcher:
 
     def bucket(self, step: int) -> Optional[int]:
         """Padded length of the batch at `step`: the smallest bucket holding its longest row."""
-        if self.kind == "packed":
-            return None
-        longest = self._lengths[self.global_indices(step)].max()
-        return next(b for b in self.buckets if b >= longest)
+        return self.bucket_for(self.global_indices(step))
 
     def batch(self, step: int) -> dict:
         """This process's rows of the global batch at `step`, as numpy arrays."""
-        idx = self.local_indices(step)
+        return self.assemble(self.local_indices(step), self.bucket(step))
+
+    def bucket_for(self, indices: np.ndarray) -> Optional[int]:
+        """The smallest bucket holding the longest of these rows (None for packed rows)."""
+        if self.kind == "packed":
+            return None
+        longest = self._lengths[indices].max()
+        return next(b for b in self.buckets if b >= longest)
+
+    def assemble(self, idx: np.ndarray, L: Optional[int]) -> dict:
+        """Rows `idx` of the dataset as a batch padded to length `L` (ignored for packed rows)."""
         rows = self._rows[np.sort(idx)] if self.kind == "packed" else self.ds[idx.tolist()]
         if self.kind == "packed":
             order = np.argsort(np.argsort(idx))  # rows were read sorted; restore the permutation order
             batch = {k: np.asarray(rows[k])[order] for k in ("tokens", "positions", "segment_ids", "loss_mask")}
             check_token_ids(batch["tokens"], self.vocab_size, idx)
             return batch
-        L = self.bucket(step)
         if self.kind == "sft":
             batch = _right_padded(rows["ids"], rows["mask"], L, self.pad_id)
             check_token_ids(batch["tokens"], self.vocab_size, idx)
@@ -100,6 +106,10 @@ class Batcher:
                 mask = [[0] * len(p) + [1] * len(r) for p, r in zip(rows["prompt_ids"], rows[f"{side}_ids"])]
                 out[side] = _right_padded(ids, mask, L, self.pad_id)
                 check_token_ids(out[side]["tokens"], self.vocab_size, idx)
+                empty = np.flatnonzero(out[side]["segment_ids"].sum(axis=1) == 0)
+                if len(empty):
+                    raise ValueError(f"example {int(idx[empty[0]])} has no real token in its {side} sequence; "
+                                     "drop it from the data")
             out["example_id"] = idx.astype(np.int32)
             return out
         tokens = np.full((len(idx), L), self.pad_id, np.int32)

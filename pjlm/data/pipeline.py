@@ -14,25 +14,35 @@ from pjlm.data.loader import Batcher
 from pjlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
-_SCHEMA_OF_PHASE = {"pretrain": "text", "sft": "sft"}
+_SCHEMA_OF_PHASE = {"pretrain": "text", "sft": "sft", "reward": "preference", "dpo": "preference"}
+REVIEW_PROMPT = "Write a review.\n"
 
 
 def synthetic_rows(phase: str, n_docs: int, seed: int = 0) -> datasets.Dataset:
-    """The built-in corpus: reviews as text (pre-training), or sentiment-conditioned requests and the
-    matching reviews (SFT), labelled by VADER's compound score (> 0.05 positive, < −0.05 negative)."""
+    """The built-in corpus, scored by VADER's compound sentiment where a phase needs labels:
+
+    pretrain: the reviews as text; sft: "Write a positive/negative review.\n" and a review of that
+    sentiment (compound > 0.05 or < −0.05); reward/dpo: the prompt "Write a review.\n" with two
+    consecutive reviews as chosen (the more positive) and rejected, kept when their scores differ
+    by more than 0.1 — the controlled-sentiment preference, more positive is better.
+    """
     docs = synthetic.generate(n_docs, seed)
     if phase == "pretrain":
         return datasets.Dataset.from_dict({"text": docs})
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     vader = SentimentIntensityAnalyzer()
-    rows = {"prompt": [], "response": []}
-    for doc in docs:
-        score = vader.polarity_scores(doc)["compound"]
-        if abs(score) > 0.05:
-            rows["prompt"].append(f"Write a {'positive' if score > 0 else 'negative'} review.\n")
-            rows["response"].append(doc)
-    return datasets.Dataset.from_dict(rows)
+    scores = [vader.polarity_scores(doc)["compound"] for doc in docs]
+    if phase == "sft":
+        labelled = [(d, s) for d, s in zip(docs, scores) if abs(s) > 0.05]
+        return datasets.Dataset.from_dict({
+            "prompt": [f"Write a {'positive' if s > 0 else 'negative'} review.\n" for _, s in labelled],
+            "response": [d for d, _ in labelled]})
+    pairs = [(i, i + 1) for i in range(0, len(docs) - 1, 2) if abs(scores[i] - scores[i + 1]) > 0.1]
+    ordered = [(a, b) if scores[a] > scores[b] else (b, a) for a, b in pairs]
+    return datasets.Dataset.from_dict({"prompt": [REVIEW_PROMPT] * len(ordered),
+                                       "chosen": [docs[a] for a, _ in ordered],
+                                       "rejected": [docs[b] for _, b in ordered]})
 
 
 def load_rows(cfg: DataConfig, phase: str) -> tuple[datasets.Dataset, Optional[datasets.Dataset], str, dict]:

@@ -7,7 +7,6 @@ metrics (at log steps) → evaluate → checkpoint → on SIGTERM, save and retu
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import signal
@@ -24,10 +23,10 @@ import numpy as np
 from pjlm import checkpoint as ckpt_lib
 from pjlm import metrics as metrics_lib
 from pjlm import sharding
-from pjlm.config import Config, to_dict
+from pjlm.config import Config, ConfigError, to_dict
 from pjlm.data import pipeline
 from pjlm.model import Transformer
-from pjlm.train import steps
+from pjlm.train import phases
 from pjlm.train.state import TrainState, make_optimizer
 
 
@@ -122,7 +121,11 @@ def setup(config: Config, workdir: Path) -> _Run:
         eval_batches, _ = pipeline.make_batcher(eval_rows, schema, config.data, tokenizer, model_cfg.vocab_size,
                                                 batch_size=config.data.batch_size, seed=0, **where)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
-    return _Run(config, workdir, mesh, Transformer(model_cfg), tokenizer, train_batches, eval_batches, tx, schedule,
+    if config.train.phase in phases.PREFERENCE_PHASES and not config.train.init_from:
+        raise ConfigError(f"train.phase={config.train.phase} starts from a fine-tuned model: set train.init_from "
+                          "to the SFT run's work directory")
+    model = Transformer(model_cfg, head=phases.model_head(config.train.phase))
+    return _Run(config, workdir, mesh, model, tokenizer, train_batches, eval_batches, tx, schedule,
                 {**stats, **{f"tokenize_{k}": v for k, v in tok_stats.items()}})
 
 
@@ -137,12 +140,22 @@ def create_or_restore(run: _Run, checkpointer: ckpt_lib.Checkpointer) -> tuple[T
                           rng=train["rng"]), shardings
     state, shardings = init_state(run.model, run.tx, run.mesh, run.config.train.seed)
     if run.config.train.init_from:
-        _check_tokenizer(ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(run.config.train.init_from)),
-                         run.tokenizer, run.config.train.init_from)
-        params, _ = ckpt_lib.load_params(run.config.train.init_from,
-                                         ckpt_lib.abstract_like(state.params, shardings.params))
-        state = state.replace(params=params)
+        state = state.replace(params=load_init_params(run, state.params, shardings.params))
     return state, shardings
+
+
+def load_init_params(run: _Run, fresh: Any, fresh_shardings: Any) -> Any:
+    """`init_from`'s parameters onto the current mesh. A scalar-head model takes the language model's
+    trunk and keeps its new `score_head`."""
+    source = run.config.train.init_from
+    _check_tokenizer(ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(source)), run.tokenizer, source)
+    if run.model.head == "lm":
+        params, _ = ckpt_lib.load_params(source, ckpt_lib.abstract_like(fresh, fresh_shardings))
+        return params
+    lm = Transformer(run.model.config, head="lm")
+    abstract, lm_shardings = sharding.abstract_params(lm, run.mesh)
+    loaded, _ = ckpt_lib.load_params(source, ckpt_lib.abstract_like(abstract, lm_shardings))
+    return {**fresh, **{k: loaded[k] for k in ("embed", "layers", "final_norm")}}
 
 
 def _train_item(state: TrainState) -> dict:
@@ -158,9 +171,12 @@ def _check_tokenizer(meta: dict, tokenizer, where) -> None:
             "checkpoint's tokenizer")
 
 
-def _meta(run: _Run, step: int) -> dict:
-    return {"config": to_dict(run.config), "step": step, "phase": run.config.train.phase,
-            "tokenizer": run.tokenizer.fingerprint(), "git_revision": git_revision()}
+def _meta(run: _Run, step: int, last_eval: Optional[dict] = None) -> dict:
+    meta = {"config": to_dict(run.config), "step": step, "phase": run.config.train.phase,
+            "tokenizer": run.tokenizer.fingerprint(), "git_revision": git_revision(), "eval": last_eval or {}}
+    if last_eval and "eval_reward_mean" in last_eval:  # RL normalises the reward model's scores with these
+        meta["reward_stats"] = {"mean": last_eval["eval_reward_mean"], "std": last_eval["eval_reward_std"]}
+    return meta
 
 
 def _check_finite(window: list[tuple[int, dict]], last_good: Optional[int]) -> list[tuple[int, dict]]:
@@ -175,20 +191,23 @@ def _check_finite(window: list[tuple[int, dict]], last_good: Optional[int]) -> l
 
 
 def _mean(pulled: list[tuple[int, dict]]) -> dict:
+    """Means over the window; counts ("tokens", "n_tokens") are summed; the learning rate is the last."""
     out = {k: float(np.mean([m[k] for _, m in pulled])) for k in pulled[-1][1]}
-    out["n_tokens"] = float(np.sum([m["n_tokens"] for _, m in pulled]))
-    out["tokens"] = float(np.sum([m["tokens"] for _, m in pulled]))
+    for k in ("tokens", "n_tokens"):
+        if k in out:
+            out[k] = float(np.sum([m[k] for _, m in pulled]))
     out["learning_rate"] = pulled[-1][1]["learning_rate"]
     return out
 
 
-def evaluate(run: _Run, eval_fn, params) -> dict:
-    loss_sum, n = 0.0, 0.0
+def evaluate(run: _Run, phase: phases.Phase, params) -> dict:
+    """Held-out metrics over `eval_batches` batches: per-batch sums added up, then finalised once."""
+    sums: dict[str, float] = {}
     for i in range(run.config.train.eval_batches):
-        out = eval_fn(params, sharding.shard_batch(run.eval_batches.batch(i), run.mesh))
-        loss_sum, n = loss_sum + float(out["loss_sum"]), n + float(out["n_tokens"])
-    loss = loss_sum / max(n, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        out = phase.eval_batch(params, sharding.shard_batch(run.eval_batches.batch(i), run.mesh))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return phase.finalize_eval(sums)
 
 
 def run(config: Config, workdir: str | Path) -> RunResult:
@@ -208,33 +227,41 @@ def run(config: Config, workdir: str | Path) -> RunResult:
         checkpointer.close()
 
 
+def _reference(r: _Run, state: TrainState, state_shardings: Any) -> Optional[Any]:
+    """DPO's frozen reference: `init_from`'s parameters, read again (never aliasing the donated state);
+    with `precompute_ref`, used once to cache log-probs for every example and then dropped."""
+    if r.config.train.phase != "dpo" or r.config.preference.loss_type == "simpo":
+        return None
+    ref, _ = ckpt_lib.load_params(r.config.train.init_from, ckpt_lib.abstract_like(state.params, state_shardings.params))
+    if not r.config.preference.precompute_ref:
+        return ref
+    r.train_batches = phases.reference_cache(r, r.train_batches, ref, r.workdir / "ref_logps_train.npz")
+    if r.eval_batches is not None:
+        r.eval_batches = phases.reference_cache(r, r.eval_batches, ref, r.workdir / "ref_logps_eval.npz")
+    return None
+
+
 def _train(r: _Run, checkpointer: ckpt_lib.Checkpointer, is_main: bool) -> RunResult:
     cfg = r.config.train
     state, state_shardings = create_or_restore(r, checkpointer)
     start = int(state.step)
-    batch_sharding = sharding.batch_sharding(r.mesh)
-    step_fn = jax.jit(
-        functools.partial(steps.lm_step, model=r.model, tx=r.tx, schedule=r.schedule,
-                          grad_accum=r.config.optimizer.grad_accum, logprob_chunk=cfg.logprob_chunk),
-        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(steps.lm_eval_step, model=r.model, logprob_chunk=cfg.logprob_chunk),
-                      in_shardings=(state_shardings.params, batch_sharding))
+    phase = phases.build(r, state_shardings, _reference(r, state, state_shardings))
     seq_len = r.config.data.seq_len
     throughput = metrics_lib.Throughput(metrics_lib.flops_per_token(r.model.config, seq_len), jax.device_count(),
                                         metrics_lib.peak_flops(jax.devices()[0]))
     history: list[dict] = []
     window: list[tuple[int, dict]] = []
-    pending = None
+    pending, last_eval = None, {}
     with metrics_lib.MetricWriter(r.workdir, total_steps=cfg.steps, is_main=is_main) as writer, \
             _Preemption() as preemption, sharding.use_mesh(r.mesh):
         if start == 0 and cfg.eval_every and r.eval_batches is not None:  # the starting point, e.g. for SFT
-            result = evaluate(r, eval_fn, state.params)
-            writer.write(0, result)
-            history.append({"step": 0, **result})
+            last_eval = evaluate(r, phase, state.params)
+            writer.write(0, last_eval)
+            history.append({"step": 0, **last_eval})
         throughput.update(start, 0)
         for step in range(start, cfg.steps):
             batch = sharding.shard_batch(r.train_batches.batch(step), r.mesh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = phase.step(state, batch)
             done = step + 1
             window.append((done, metrics))
             if pending is not None:  # step t is dispatched: now read t−1's window
@@ -247,12 +274,12 @@ def _train(r: _Run, checkpointer: ckpt_lib.Checkpointer, is_main: bool) -> RunRe
                 if pending is not None:
                     history.append(_log(pending, writer, throughput, checkpointer))
                     pending = None
-                result = evaluate(r, eval_fn, state.params)
-                writer.write(done, result)
-                history.append({"step": done, **result})
+                last_eval = evaluate(r, phase, state.params)
+                writer.write(done, last_eval)
+                history.append({"step": done, **last_eval})
             if done % cfg.checkpoint_every == 0 or last or preemption.requested:
                 _check_finite(window + (pending or []), checkpointer.latest_step())
-                checkpointer.save(done, state.params, _train_item(state), _meta(r, done))
+                checkpointer.save(done, state.params, _train_item(state), _meta(r, done, last_eval))
             if preemption.requested:
                 break
         if pending is not None:

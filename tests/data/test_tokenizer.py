@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import require
+from pjlm_testing import require
 from pjlm.data.tokenizer import CHAT_MARKERS, ChatTemplate, SentencePieceTokenizer, load_tokenizer
 
 CORPUS = [

@@ -1,9 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from pjlm import cli
 from pjlm.config import ConfigError, apply_overrides
 
-from conftest import tiny_config  # noqa: F401  (tests/train/conftest.py)
 
 
 def test_overrides_apply_and_bad_ones_name_the_valid_keys(make_config):
@@ -32,8 +33,8 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
 
 def test_train_then_sample_from_the_command_line(tmp_path, capsys):
     exp = tmp_path / "exp.py"
-    exp.write_text("import sys\nsys.path.insert(0, %r)\nfrom conftest import tiny_config\n"
-                   "def get_config():\n    return tiny_config()\n" % str(__import__("pathlib").Path(__file__).parent))
+    exp.write_text("import sys\nsys.path.insert(0, %r)\nfrom pjlm_testing import tiny_config\n"
+                   "def get_config():\n    return tiny_config()\n" % str(Path(__file__).parents[1]))
     assert cli.main(["train", str(exp), "--workdir", str(tmp_path / "run"), "--set", "train.steps=6"]) == 0
     assert "finished at step 6" in capsys.readouterr().out
     assert cli.main(["sample", "--workdir", str(tmp_path / "run"), "--prompt", "The pasta", "--temperature", "0",

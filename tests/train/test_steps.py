@@ -99,3 +99,11 @@ def test_benchmark_script_runs_the_real_step():
     result = bench.main(["--model", "tiny", "--batch", "8", "--seq-len", "32", "--steps", "2"])
     assert result["tokens_per_s"] > 0 and result["mfu"] is None  # no MFU on a CPU: never guessed
     assert np.isfinite(result["loss"]) and result["model_tflops_6N"] > 0
+
+
+def test_benchmark_script_runs_the_dpo_step():
+    from experiments import bench
+
+    result = bench.main(["--phase", "dpo", "--model", "tiny", "--batch", "8", "--seq-len", "32", "--prompt-len", "8",
+                         "--steps", "2"])
+    assert result["pairs_per_s"] > 0 and abs(result["loss"] - 0.69) < 0.2  # near log 2: policy ≈ reference

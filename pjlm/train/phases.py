@@ -1,0 +1,125 @@
+"""What differs between phases: the model head, the jitted step and eval functions, the reference.
+
+pretrain / sft: `lm_step` on packed or padded rows. reward: the scalar head, `reward_step`; its
+held-out accuracy and the reward mean/std (saved in the checkpoint's meta, for RL to normalise).
+dpo: `dpo_step` against a frozen reference tree (the `init_from` parameters, loaded a second time
+so it never aliases the donated state), or against reference log-probs cached once in the work
+directory (`preference.precompute_ref`), after which the reference tree is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from pjlm import sharding
+from pjlm.model import Transformer
+from pjlm.train import preference, steps
+
+PREFERENCE_PHASES = ("reward", "dpo")
+
+
+def model_head(phase: str) -> str:
+    return "scalar" if phase == "reward" else "lm"
+
+
+@dataclasses.dataclass
+class Phase:
+    step: Callable[[Any, dict], tuple[Any, dict]]
+    eval_batch: Callable[[Any, dict], dict]
+    finalize_eval: Callable[[dict], dict]
+
+
+def _batch_shardings(mesh, example: dict) -> Any:
+    return jax.tree_util.tree_map(lambda x: sharding.batch_sharding(mesh, np.ndim(x)), example)
+
+
+def build(run, state_shardings, ref_params: Optional[Any]) -> Phase:
+    """The jitted step and eval for `run.config.train.phase`; `ref_params` only for DPO."""
+    cfg, pref = run.config, run.config.preference
+    phase, chunk = cfg.train.phase, cfg.train.logprob_chunk
+    batch_sh = _batch_shardings(run.mesh, run.train_batches.batch(0))
+    eval_sh = _batch_shardings(run.mesh, run.eval_batches.batch(0)) if run.eval_batches is not None else batch_sh
+    common = dict(model=run.model, tx=run.tx, schedule=run.schedule)
+    jit_step = functools.partial(jax.jit, out_shardings=(state_shardings, None), donate_argnums=0)
+    params_sh = state_shardings.params
+    if phase in ("pretrain", "sft"):
+        step = jit_step(functools.partial(steps.lm_step, grad_accum=cfg.optimizer.grad_accum, logprob_chunk=chunk,
+                                          **common), in_shardings=(state_shardings, batch_sh))
+        ev = jax.jit(functools.partial(steps.lm_eval_step, model=run.model, logprob_chunk=chunk),
+                     in_shardings=(params_sh, eval_sh))
+        return Phase(step, ev, _finalize_lm)
+    if phase == "reward":
+        step = jit_step(functools.partial(preference.reward_step, cfg=pref, **common),
+                        in_shardings=(state_shardings, batch_sh))
+        ev = jax.jit(functools.partial(preference.reward_eval_step, model=run.model), in_shardings=(params_sh, eval_sh))
+        return Phase(step, ev, _finalize_reward)
+    ref_sh = None if ref_params is None else params_sh
+    step = jit_step(functools.partial(preference.dpo_step, cfg=pref, logprob_chunk=chunk, **common),
+                    in_shardings=(state_shardings, ref_sh, batch_sh))
+    ev = jax.jit(functools.partial(preference.dpo_eval_step, model=run.model, cfg=pref, logprob_chunk=chunk),
+                 in_shardings=(params_sh, ref_sh, eval_sh))
+    return Phase(lambda state, batch: step(state, ref_params, batch),
+                 lambda params, batch: ev(params, ref_params, batch), _finalize_dpo)
+
+
+def _finalize_lm(sums: dict) -> dict:
+    loss = sums["loss_sum"] / max(sums["n_tokens"], 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _finalize_reward(sums: dict) -> dict:
+    n = max(2 * sums["pairs"], 1.0)
+    mean = sums["reward_sum"] / n
+    std = math.sqrt(max(sums["reward_sq_sum"] / n - mean * mean, 0.0))
+    return {"eval_accuracy": sums["correct"] / max(sums["pairs"], 1.0), "eval_reward_mean": mean,
+            "eval_reward_std": std}
+
+
+def _finalize_dpo(sums: dict) -> dict:
+    pairs = max(sums["pairs"], 1.0)
+    return {"eval_loss": sums["loss_sum"] / pairs, "eval_reward_accuracy": sums["correct"] / pairs}
+
+
+class CachedReference:
+    """Wraps a preference Batcher, adding `ref_chosen_logps` / `ref_rejected_logps` by example_id."""
+
+    def __init__(self, batcher, chosen: np.ndarray, rejected: np.ndarray):
+        self._batcher, self._chosen, self._rejected = batcher, chosen, rejected
+        self.steps_per_epoch = batcher.steps_per_epoch
+
+    def batch(self, step: int) -> dict:
+        out = self._batcher.batch(step)
+        ids = out["example_id"]
+        return {**out, "ref_chosen_logps": self._chosen[ids], "ref_rejected_logps": self._rejected[ids]}
+
+
+def reference_cache(run, batcher, ref_params: Any, path: Path) -> CachedReference:
+    """Compute (or load from `path`) the reference's log-probs for every example of `batcher`."""
+    if path.exists():
+        data = np.load(path)
+        if len(data["chosen"]) == len(batcher.ds):
+            return CachedReference(batcher, data["chosen"], data["rejected"])
+    n, B = len(batcher.ds), batcher.global_batch_size
+    chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    fn = jax.jit(lambda p, batch: preference.reference_logps(run.model, p, batch, run.config.train.logprob_chunk))
+    b = B // batcher.process_count
+    with sharding.use_mesh(run.mesh):
+        for start in range(0, n, B):
+            idx = np.arange(start, start + B) % n  # the last chunk wraps around; duplicates rewrite equal values
+            local = idx[batcher.process_index * b:(batcher.process_index + 1) * b]
+            batch = sharding.shard_batch(batcher.assemble(local, batcher.bucket_for(idx)), run.mesh)
+            c, r = fn(ref_params, batch)
+            chosen[idx] = np.asarray(multihost_utils.process_allgather(c, tiled=True))
+            rejected[idx] = np.asarray(multihost_utils.process_allgather(r, tiled=True))
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, chosen=chosen, rejected=rejected)
+    return CachedReference(batcher, chosen, rejected)

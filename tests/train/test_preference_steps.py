@@ -1,0 +1,122 @@
+import functools
+import json
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pjlm import checkpoint as ckpt_lib
+from pjlm.config import PreferenceConfig, model_preset
+from pjlm.model import Transformer
+from pjlm.train import loop, preference
+from pjlm_testing import tiny_config
+
+
+def test_reward_score_is_read_at_the_last_real_token_under_left_and_right_padding():
+    model = Transformer(model_preset("tiny"), head="scalar")
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params["score_head"]["kernel"] = jax.random.normal(jax.random.key(1), params["score_head"]["kernel"].shape)
+    seq = jax.random.randint(jax.random.key(2), (10,), 0, 256)
+    L = 16
+    right = {"tokens": jnp.zeros(L, jnp.int32).at[:10].set(seq), "segment_ids": (jnp.arange(L) < 10).astype(jnp.int32),
+             "positions": jnp.where(jnp.arange(L) < 10, jnp.arange(L), 0)}
+    left = {"tokens": jnp.zeros(L, jnp.int32).at[6:].set(seq), "segment_ids": (jnp.arange(L) >= 6).astype(jnp.int32),
+            "positions": jnp.maximum(jnp.arange(L) - 6, 0)}
+    rows = {k: jnp.stack([right[k], left[k]]).astype(jnp.int32) for k in right}
+    np.testing.assert_array_equal(preference.last_token_index(rows["segment_ids"]), [9, 15])
+    scores = preference.sequence_scores(model, params, rows)
+    full = model.apply({"params": params}, rows["tokens"][:1, :10])
+    np.testing.assert_allclose(scores, [full[0, 9], full[0, 9]], rtol=1e-5)
+
+
+def _pair_batch(B=4, L=12, seed=0):
+    rng = np.random.default_rng(seed)
+    side = lambda: {"tokens": rng.integers(0, 256, (B, L)).astype(np.int32),
+                    "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)),
+                    "segment_ids": np.ones((B, L), np.int32),
+                    "loss_mask": (np.arange(L) >= 5).astype(np.float32)[None].repeat(B, 0)}
+    return {"chosen": side(), "rejected": side(), "example_id": np.arange(B, dtype=np.int32)}
+
+
+def test_dpo_at_the_reference_is_log2_and_no_gradient_reaches_the_reference():
+    model = Transformer(model_preset("tiny"))
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    ref = jax.tree_util.tree_map(jnp.copy, params)
+    batch = _pair_batch()
+    cfg = PreferenceConfig(beta=0.1)
+    loss, metrics = preference.dpo_loss_fn(params, ref, batch, model=model, cfg=cfg)
+    np.testing.assert_allclose(loss, math.log(2), rtol=1e-6)
+    g_ref = jax.grad(lambda r: preference.dpo_loss_fn(params, r, batch, model=model, cfg=cfg)[0])(ref)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(g_ref))
+    g_policy = jax.grad(lambda p: preference.dpo_loss_fn(p, ref, batch, model=model, cfg=cfg)[0])(params)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(g_policy)) > 0
+    # Cached reference log-probs are the same thing, and get no gradient either.
+    c, r = preference.reference_logps(model, ref, batch)
+    cached = {**batch, "ref_chosen_logps": c, "ref_rejected_logps": r}
+    loss_cached, _ = preference.dpo_loss_fn(params, None, cached, model=model, cfg=cfg)
+    np.testing.assert_allclose(loss_cached, loss, rtol=1e-6)
+    g = jax.grad(lambda cc: preference.dpo_loss_fn(params, None, {**cached, "ref_chosen_logps": cc}, model=model,
+                                                   cfg=cfg)[0])(c)
+    assert float(jnp.abs(g).max()) == 0.0
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pre")
+    loop.run(tiny_config(train=dict(steps=30, checkpoint_every=30), data=dict(synthetic_docs=800)), workdir)
+    return workdir
+
+
+def _clear_preferences(path, n=400):
+    """Chosen praises, rejected complains: a preference a tiny model can learn in a few dozen steps."""
+    nouns = ["pasta", "staff", "phone", "movie", "room", "soup", "screen", "plot"]
+    good, bad = ["great", "lovely", "excellent", "superb"], ["awful", "terrible", "rude", "boring"]
+    with open(path, "w") as f:
+        for i in range(n):
+            noun = nouns[i % len(nouns)]
+            f.write(json.dumps({"prompt": "Review:", "chosen": f" The {noun} was {good[i % 4]}.",
+                                "rejected": f" The {noun} was {bad[(i // 4) % 4]}."}) + "\n")
+    return str(path)
+
+
+@pytest.mark.slow
+def test_reward_model_learns_the_preference_and_saves_its_reward_stats(make_config, pretrained, tmp_path):
+    config = make_config(train=dict(phase="reward", steps=60, log_every=10, eval_every=60, eval_batches=4,
+                                    checkpoint_every=60, init_from=str(pretrained)),
+                         data=dict(source=_clear_preferences(tmp_path / "prefs.jsonl"), pack=False, buckets=(32,),
+                                   seq_len=32, eval_rows=40),
+                         optimizer=dict(learning_rate=2e-3))
+    result = loop.run(config, tmp_path)
+    assert set(result.state.params) == {"embed", "layers", "final_norm", "score_head"}
+    evals = [h for h in result.history if "eval_accuracy" in h]
+    assert evals[0]["step"] == 0 and evals[-1]["eval_accuracy"] > 0.9, evals
+    train = [h for h in result.history if "accuracy" in h]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.2, train
+    directory, step = ckpt_lib.resolve_checkpoint(tmp_path)
+    stats = ckpt_lib.read_meta(directory, step)["reward_stats"]
+    assert stats["std"] > 0 and math.isfinite(stats["mean"])
+    stats_file = json.loads((tmp_path / "data_stats.json").read_text())
+    assert stats_file["tokenize_rows"] > 0
+
+
+@pytest.mark.slow
+def test_dpo_starts_at_log2_its_loss_falls_and_cached_reference_matches(make_config, pretrained, tmp_path):
+    def run(name, **pref):
+        config = make_config(train=dict(phase="dpo", steps=12, log_every=1, eval_every=0, checkpoint_every=12,
+                                        init_from=str(pretrained)),
+                             data=dict(source=_clear_preferences(tmp_path / "prefs.jsonl"), pack=False,
+                                       buckets=(32,), seq_len=32, eval_rows=40),
+                             optimizer=dict(learning_rate=1e-3, warmup_steps=0), preference=pref)
+        return loop.run(config, tmp_path / name)
+
+    per_batch = run("per_batch", beta=0.5)
+    losses = [h["loss"] for h in per_batch.history if "loss" in h]
+    np.testing.assert_allclose(losses[0], math.log(2), rtol=1e-5)
+    assert np.mean(losses[-3:]) < losses[0] - 0.05, losses
+    cached = run("cached", beta=0.5, precompute_ref=True)
+    assert (tmp_path / "cached" / "ref_logps_train.npz").exists()
+    np.testing.assert_allclose([h["loss"] for h in cached.history if "loss" in h], losses, rtol=2e-4, atol=2e-5)
