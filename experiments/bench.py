@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pjlm import metrics, sharding
-from pjlm.config import MeshConfig, OptimizerConfig, PreferenceConfig, model_preset
+from pjlm.config import LoraConfig, MeshConfig, OptimizerConfig, PreferenceConfig, model_preset
 from pjlm.model import Transformer
 from pjlm.train import preference, steps
 from pjlm.train.loop import init_state
@@ -71,6 +71,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--fsdp", type=int, default=-1)
     ap.add_argument("--phase", choices=("lm", "dpo"), default="lm")
     ap.add_argument("--prompt-len", type=int, default=128, help="DPO: prompt tokens of each sequence")
+    ap.add_argument("--lora-rank", type=int, default=0, help="train rank-r adapters on all attention and MLP "
+                    "kernels of a frozen base (DPO's reference is then the base itself)")
     args = ap.parse_args(argv)
 
     overrides = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, attention=args.attention,
@@ -81,21 +83,24 @@ def main(argv=None) -> dict:
     model = Transformer(config)
     mesh = sharding.make_mesh(MeshConfig(data=-1 if args.fsdp != -1 else 1, fsdp=args.fsdp, tensor=1))
     tx, schedule = make_optimizer(OptimizerConfig(state_dtype=args.state_dtype, warmup_steps=1), 1000)
-    state, shardings = init_state(model, tx, mesh, seed=0)
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    lora_cfg = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank) if args.lora_rank else None
+    state, shardings = init_state(model, tx, mesh, seed=0, lora_cfg=lora_cfg)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves((state.params, state.frozen)))
     B, L = args.batch, args.seq_len
     batch = _rows(np.random.default_rng(0), B, L, config.vocab_size)
     with sharding.use_mesh(mesh):
         if args.phase == "lm":
             step = jax.jit(functools.partial(steps.lm_step, model=model, tx=tx, schedule=schedule,
-                                             logprob_chunk=args.logprob_chunk),
+                                             logprob_chunk=args.logprob_chunk, lora_cfg=lora_cfg),
                            in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None),
                            donate_argnums=0)
         else:
             batch = _pairs(np.random.default_rng(0), B, L, args.prompt_len, config.vocab_size)
-            ref = jax.tree_util.tree_map(jnp.copy, state.params)  # a separate frozen copy, as in the peers
+            # Without LoRA a separate frozen copy, as in the peers; with LoRA the frozen base itself.
+            ref = None if lora_cfg else jax.tree_util.tree_map(jnp.copy, state.params)
             dpo = jax.jit(functools.partial(preference.dpo_step, model=model, tx=tx, schedule=schedule,
-                                            cfg=PreferenceConfig(), logprob_chunk=args.logprob_chunk),
+                                            cfg=PreferenceConfig(), logprob_chunk=args.logprob_chunk,
+                                            lora_cfg=lora_cfg),
                           out_shardings=(shardings, None), donate_argnums=0)
             step = lambda state, batch: dpo(state, ref, batch)
         batch = sharding.shard_batch(batch, mesh)
@@ -117,7 +122,8 @@ def main(argv=None) -> dict:
               "attention": args.attention, "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens_s,
               "model_tflops_pjlm": tokens_s * fpt / 1e12, "model_tflops_6N": tokens_s * 6 * n_params / 1e12,
               "mfu": tokens_s * fpt / (jax.device_count() * peak) if peak else None,
-              "peak_memory_gib": _peak_memory_gib(), "loss": float(m["loss"]), "phase": args.phase}
+              "peak_memory_gib": _peak_memory_gib(), "loss": float(m["loss"]), "phase": args.phase,
+              "lora_rank": args.lora_rank}
     if args.phase == "dpo":
         result["pairs_per_s"] = B / step_s
         # Peers' way: 6·N per trained token plus 2·N per reference token (forward only).

@@ -278,6 +278,18 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters W' = W + (α/r)·A·B on the kernels whose paths match `targets`."""
+
+    rank: int = 8
+    """r."""
+    alpha: float = 16.0
+    """α; the update is scaled by α/r."""
+    targets: tuple[str, ...] = (r"attn/(q|k|v|o)/kernel", r"mlp/(gate|up|down)/kernel")
+    """Regular expressions searched in '/'-joined parameter paths (e.g. layers/attn/q/kernel)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class PreferenceConfig:
     """Reward-model and DPO-family settings."""
 
@@ -318,6 +330,8 @@ class Config:
     """Run length and cadences."""
     preference: PreferenceConfig = PreferenceConfig()
     """Reward-model and DPO settings (used by those phases)."""
+    lora: Optional[LoraConfig] = None
+    """Train low-rank adapters on a frozen base (train.init_from) instead of all weights."""
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -345,9 +359,16 @@ def from_dict(cls, data: dict):
     for key, value in data.items():
         if key not in hints:
             raise ConfigError(f"unknown key {key!r} for {cls.__name__}")
-        t = hints[key]
-        kwargs[key] = from_dict(t, value) if dataclasses.is_dataclass(t) else _coerce(t, value, key)
+        t = _dataclass_of(hints[key])
+        kwargs[key] = from_dict(t, value) if t is not None and isinstance(value, dict) else _coerce(hints[key], value, key)
     return cls(**kwargs)
+
+
+def _dataclass_of(t):
+    """The dataclass type behind `t` or `Optional[t]`, else None."""
+    if typing.get_origin(t) is typing.Union:
+        t = next((a for a in typing.get_args(t) if a is not type(None)), None)
+    return t if dataclasses.is_dataclass(t) else None
 
 
 def _coerce(t, value, key: str):
@@ -396,10 +417,16 @@ def _set(obj, path: list[str], value: str, full_key: str):
         valid = ", ".join(sorted(_keys(obj)))
         raise ConfigError(f"unknown config key {full_key!r}; valid keys: {valid}")
     current = getattr(obj, name)
+    section = _dataclass_of(typing.get_type_hints(type(obj))[name])
+    if current is None and section is not None and len(path) > 1:  # an optional section switched on
+        current = section()
     if len(path) > 1:
         if not dataclasses.is_dataclass(current):
             raise ConfigError(f"config key {full_key!r}: {name} has no sub-fields")
         return dataclasses.replace(obj, **{name: _set(current, path[1:], value, full_key)})
+    if section is not None and value.lower() in ("none", "null") and typing.get_origin(
+            typing.get_type_hints(type(obj))[name]) is typing.Union:
+        return dataclasses.replace(obj, **{name: None})  # an optional section switched off
     if dataclasses.is_dataclass(current):
         raise ConfigError(f"config key {full_key!r} is a section; set one of its fields, e.g. {full_key}."
                           f"{dataclasses.fields(current)[0].name}=...")

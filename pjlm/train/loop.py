@@ -23,7 +23,8 @@ import numpy as np
 from pjlm import checkpoint as ckpt_lib
 from pjlm import metrics as metrics_lib
 from pjlm import sharding
-from pjlm.config import Config, ConfigError, to_dict
+from pjlm import lora
+from pjlm.config import Config, ConfigError, LoraConfig, to_dict
 from pjlm.data import pipeline
 from pjlm.model import Transformer
 from pjlm.train import phases
@@ -50,22 +51,31 @@ def git_revision() -> Optional[str]:
         return None
 
 
-def _boxed_state(model: Transformer, tx, key: jax.Array) -> TrainState:
+NEW_HEADS = ("score_head",)  # parameters a phase adds on top of the language model it starts from
+
+
+def _boxed_state(model: Transformer, tx, key: jax.Array, lora_cfg: Optional[LoraConfig] = None) -> TrainState:
     params = model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen={}, opt_state=tx.init(params),
+    frozen: dict = {}
+    if lora_cfg is not None:  # the optimizer sees adapters and new heads; the base is frozen
+        frozen = {k: v for k, v in params.items() if k not in NEW_HEADS}
+        heads = {k: v for k, v in params.items() if k in NEW_HEADS}
+        params = {"lora": lora.init(jax.random.fold_in(key, 2), frozen, lora_cfg), **heads}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
                       rng=jax.random.fold_in(key, 1))
 
 
-def init_state(model: Transformer, tx, mesh, seed: int) -> tuple[TrainState, Any]:
+def init_state(model: Transformer, tx, mesh, seed: int,
+               lora_cfg: Optional[LoraConfig] = None) -> tuple[TrainState, Any]:
     """A fresh TrainState created directly sharded (optimizer moments too); returns it and its shardings."""
     sharding.check_divides_mesh(model.config, sharding.mesh_sizes(mesh))
-    return sharding.init_sharded(lambda key: _boxed_state(model, tx, key), mesh, jax.random.PRNGKey(seed))
+    return sharding.init_sharded(lambda key: _boxed_state(model, tx, key, lora_cfg), mesh, jax.random.PRNGKey(seed))
 
 
-def abstract_state(model: Transformer, tx, mesh) -> tuple[TrainState, Any]:
+def abstract_state(model: Transformer, tx, mesh, lora_cfg: Optional[LoraConfig] = None) -> tuple[TrainState, Any]:
     """Shapes and shardings of the TrainState without allocating it (the restore target)."""
     with sharding.use_mesh(mesh):
-        boxed = jax.eval_shape(lambda: _boxed_state(model, tx, jax.random.PRNGKey(0)))
+        boxed = jax.eval_shape(lambda: _boxed_state(model, tx, jax.random.PRNGKey(0), lora_cfg))
     return nn.unbox(boxed), sharding.tree_shardings(boxed, mesh)
 
 
@@ -121,6 +131,9 @@ def setup(config: Config, workdir: Path) -> _Run:
         eval_batches, _ = pipeline.make_batcher(eval_rows, schema, config.data, tokenizer, model_cfg.vocab_size,
                                                 batch_size=config.data.batch_size, seed=0, **where)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    if config.lora is not None and not config.train.init_from:
+        raise ConfigError("LoRA trains adapters on a frozen base: set train.init_from to the base run's work "
+                          "directory (or an imported checkpoint)")
     if config.train.phase in phases.PREFERENCE_PHASES and not config.train.init_from:
         raise ConfigError(f"train.phase={config.train.phase} starts from a fine-tuned model: set train.init_from "
                           "to the SFT run's work directory")
@@ -130,32 +143,48 @@ def setup(config: Config, workdir: Path) -> _Run:
 
 
 def create_or_restore(run: _Run, checkpointer: ckpt_lib.Checkpointer) -> tuple[TrainState, Any]:
-    """Resume from the work directory's latest checkpoint, else init (and maybe load `init_from`)."""
+    """Resume from the work directory's latest checkpoint, else init (and load `init_from`). Under
+    LoRA the frozen base is always re-read from `init_from`; checkpoints hold only what trains."""
+    lora_cfg = run.config.lora
     if checkpointer.latest_step() is not None:
-        abstract, shardings = abstract_state(run.model, run.tx, run.mesh)
+        abstract, shardings = abstract_state(run.model, run.tx, run.mesh, lora_cfg)
         target = ckpt_lib.abstract_like(abstract, shardings)
         params, train, meta = checkpointer.restore(None, target.params, _train_item(target))
         _check_tokenizer(meta, run.tokenizer, checkpointer.directory)
-        return TrainState(step=train["step"], params=params, frozen={}, opt_state=train["opt_state"],
-                          rng=train["rng"]), shardings
-    state, shardings = init_state(run.model, run.tx, run.mesh, run.config.train.seed)
-    if run.config.train.init_from:
+        state = TrainState(step=train["step"], params=params, frozen=target.frozen, opt_state=train["opt_state"],
+                           rng=train["rng"])
+        if lora_cfg is not None:
+            state = state.replace(frozen=_load_base(run, target.frozen, shardings.frozen))
+        return state, shardings
+    state, shardings = init_state(run.model, run.tx, run.mesh, run.config.train.seed, lora_cfg)
+    if lora_cfg is not None:
+        state = state.replace(frozen=_load_base(run, state.frozen, shardings.frozen))
+    elif run.config.train.init_from:
         state = state.replace(params=load_init_params(run, state.params, shardings.params))
     return state, shardings
 
 
+def _load_base(run: _Run, frozen: Any, frozen_shardings: Any) -> Any:
+    """The LoRA base: `init_from`'s parameters for every non-head entry."""
+    try:
+        return load_init_params(run, frozen, frozen_shardings)
+    except ckpt_lib.CheckpointError as e:
+        raise ckpt_lib.CheckpointError(f"the LoRA base at train.init_from={run.config.train.init_from} does not "
+                                       f"fit this model (adapters are trained on one base): {e}") from e
+
+
 def load_init_params(run: _Run, fresh: Any, fresh_shardings: Any) -> Any:
-    """`init_from`'s parameters onto the current mesh. A scalar-head model takes the language model's
-    trunk and keeps its new `score_head`."""
+    """`init_from`'s parameters onto the current mesh for every entry of `fresh` the language model
+    has; new heads (e.g. a reward model's `score_head`) keep their fresh values."""
     source = run.config.train.init_from
     _check_tokenizer(ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(source)), run.tokenizer, source)
-    if run.model.head == "lm":
+    if not any(k in fresh for k in NEW_HEADS):
         params, _ = ckpt_lib.load_params(source, ckpt_lib.abstract_like(fresh, fresh_shardings))
         return params
     lm = Transformer(run.model.config, head="lm")
     abstract, lm_shardings = sharding.abstract_params(lm, run.mesh)
     loaded, _ = ckpt_lib.load_params(source, ckpt_lib.abstract_like(abstract, lm_shardings))
-    return {**fresh, **{k: loaded[k] for k in ("embed", "layers", "final_norm")}}
+    return {**fresh, **{k: loaded[k] for k in fresh if k not in NEW_HEADS}}
 
 
 def _train_item(state: TrainState) -> dict:
@@ -200,11 +229,11 @@ def _mean(pulled: list[tuple[int, dict]]) -> dict:
     return out
 
 
-def evaluate(run: _Run, phase: phases.Phase, params) -> dict:
+def evaluate(run: _Run, phase: phases.Phase, state: TrainState) -> dict:
     """Held-out metrics over `eval_batches` batches: per-batch sums added up, then finalised once."""
     sums: dict[str, float] = {}
     for i in range(run.config.train.eval_batches):
-        out = phase.eval_batch(params, sharding.shard_batch(run.eval_batches.batch(i), run.mesh))
+        out = phase.eval_batch(state, sharding.shard_batch(run.eval_batches.batch(i), run.mesh))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     return phase.finalize_eval(sums)
@@ -232,9 +261,13 @@ def _reference(r: _Run, state: TrainState, state_shardings: Any) -> Optional[Any
     with `precompute_ref`, used once to cache log-probs for every example and then dropped."""
     if r.config.train.phase != "dpo" or r.config.preference.loss_type == "simpo":
         return None
-    ref, _ = ckpt_lib.load_params(r.config.train.init_from, ckpt_lib.abstract_like(state.params, state_shardings.params))
+    if r.config.lora is not None:  # the reference is the frozen base itself, inside the step
+        ref = state.frozen
+    else:
+        ref, _ = ckpt_lib.load_params(r.config.train.init_from,
+                                      ckpt_lib.abstract_like(state.params, state_shardings.params))
     if not r.config.preference.precompute_ref:
-        return ref
+        return None if r.config.lora is not None else ref
     r.train_batches = phases.reference_cache(r, r.train_batches, ref, r.workdir / "ref_logps_train.npz")
     if r.eval_batches is not None:
         r.eval_batches = phases.reference_cache(r, r.eval_batches, ref, r.workdir / "ref_logps_eval.npz")
@@ -255,7 +288,7 @@ def _train(r: _Run, checkpointer: ckpt_lib.Checkpointer, is_main: bool) -> RunRe
     with metrics_lib.MetricWriter(r.workdir, total_steps=cfg.steps, is_main=is_main) as writer, \
             _Preemption() as preemption, sharding.use_mesh(r.mesh):
         if start == 0 and cfg.eval_every and r.eval_batches is not None:  # the starting point, e.g. for SFT
-            last_eval = evaluate(r, phase, state.params)
+            last_eval = evaluate(r, phase, state)
             writer.write(0, last_eval)
             history.append({"step": 0, **last_eval})
         throughput.update(start, 0)
@@ -274,7 +307,7 @@ def _train(r: _Run, checkpointer: ckpt_lib.Checkpointer, is_main: bool) -> RunRe
                 if pending is not None:
                     history.append(_log(pending, writer, throughput, checkpointer))
                     pending = None
-                last_eval = evaluate(r, phase, state.params)
+                last_eval = evaluate(r, phase, state)
                 writer.write(done, last_eval)
                 history.append({"step": done, **last_eval})
             if done % cfg.checkpoint_every == 0 or last or preemption.requested:

@@ -47,27 +47,28 @@ def build(run, state_shardings, ref_params: Optional[Any]) -> Phase:
     phase, chunk = cfg.train.phase, cfg.train.logprob_chunk
     batch_sh = _batch_shardings(run.mesh, run.train_batches.batch(0))
     eval_sh = _batch_shardings(run.mesh, run.eval_batches.batch(0)) if run.eval_batches is not None else batch_sh
-    common = dict(model=run.model, tx=run.tx, schedule=run.schedule)
+    common = dict(model=run.model, tx=run.tx, schedule=run.schedule, lora_cfg=cfg.lora)
     jit_step = functools.partial(jax.jit, out_shardings=(state_shardings, None), donate_argnums=0)
-    params_sh = state_shardings.params
+    params_sh, frozen_sh = state_shardings.params, state_shardings.frozen
     if phase in ("pretrain", "sft"):
         step = jit_step(functools.partial(steps.lm_step, grad_accum=cfg.optimizer.grad_accum, logprob_chunk=chunk,
                                           **common), in_shardings=(state_shardings, batch_sh))
-        ev = jax.jit(functools.partial(steps.lm_eval_step, model=run.model, logprob_chunk=chunk),
-                     in_shardings=(params_sh, eval_sh))
-        return Phase(step, ev, _finalize_lm)
+        ev = jax.jit(functools.partial(steps.lm_eval_step, model=run.model, logprob_chunk=chunk, lora_cfg=cfg.lora),
+                     in_shardings=(params_sh, frozen_sh, eval_sh))
+        return Phase(step, lambda state, batch: ev(state.params, state.frozen, batch), _finalize_lm)
     if phase == "reward":
         step = jit_step(functools.partial(preference.reward_step, cfg=pref, **common),
                         in_shardings=(state_shardings, batch_sh))
-        ev = jax.jit(functools.partial(preference.reward_eval_step, model=run.model), in_shardings=(params_sh, eval_sh))
-        return Phase(step, ev, _finalize_reward)
+        ev = jax.jit(functools.partial(preference.reward_eval_step, model=run.model, lora_cfg=cfg.lora),
+                     in_shardings=(params_sh, frozen_sh, eval_sh))
+        return Phase(step, lambda state, batch: ev(state.params, state.frozen, batch), _finalize_reward)
     ref_sh = None if ref_params is None else params_sh
     step = jit_step(functools.partial(preference.dpo_step, cfg=pref, logprob_chunk=chunk, **common),
                     in_shardings=(state_shardings, ref_sh, batch_sh))
-    ev = jax.jit(functools.partial(preference.dpo_eval_step, model=run.model, cfg=pref, logprob_chunk=chunk),
-                 in_shardings=(params_sh, ref_sh, eval_sh))
+    ev = jax.jit(functools.partial(preference.dpo_eval_step, model=run.model, cfg=pref, logprob_chunk=chunk,
+                                   lora_cfg=cfg.lora), in_shardings=(params_sh, frozen_sh, ref_sh, eval_sh))
     return Phase(lambda state, batch: step(state, ref_params, batch),
-                 lambda params, batch: ev(params, ref_params, batch), _finalize_dpo)
+                 lambda state, batch: ev(state.params, state.frozen, ref_params, batch), _finalize_dpo)
 
 
 def _finalize_lm(sums: dict) -> dict:

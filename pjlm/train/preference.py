@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pjlm import losses
-from pjlm.config import PreferenceConfig
+from pjlm import lora, losses
+from pjlm.config import LoraConfig, PreferenceConfig
 from pjlm.model import Transformer, target_logprobs
 from pjlm.train.state import TrainState
 
@@ -68,18 +68,19 @@ def reward_loss_fn(params, batch, *, model: Transformer, cfg: PreferenceConfig):
     return loss, {**metrics, "tokens": _n_tokens(rows)}
 
 
-def reward_step(state: TrainState, batch: dict, *, model: Transformer, tx, schedule,
-                cfg: PreferenceConfig) -> tuple[TrainState, dict]:
+def reward_step(state: TrainState, batch: dict, *, model: Transformer, tx, schedule, cfg: PreferenceConfig,
+                lora_cfg: Optional[LoraConfig] = None) -> tuple[TrainState, dict]:
     """One step of the Bradley–Terry reward model: −log σ(r_w − r_l − margin) + center_coef·(r_w + r_l)²."""
-    (_, metrics), grads = jax.value_and_grad(reward_loss_fn, has_aux=True)(state.params, batch, model=model, cfg=cfg)
+    loss = lambda p: reward_loss_fn(lora.apply_params(p, state.frozen, lora_cfg), batch, model=model, cfg=cfg)
+    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     state, extra = _apply_update(state, grads, tx, schedule)
     return state, {**metrics, **extra}
 
 
-def reward_eval_step(params, batch, *, model: Transformer) -> dict:
+def reward_eval_step(params, frozen, batch, *, model: Transformer, lora_cfg: Optional[LoraConfig] = None) -> dict:
     """Sums over the batch: correct pairs, rewards and squared rewards (for the normalising mean/std)."""
     rows = concat_pairs(batch)
-    scores = sequence_scores(model, params, rows)
+    scores = sequence_scores(model, lora.apply_params(params, frozen, lora_cfg), rows)
     B = batch["chosen"]["tokens"].shape[0]
     return {"correct": jnp.sum(scores[:B] > scores[B:]).astype(jnp.float32), "pairs": jnp.float32(B),
             "reward_sum": jnp.sum(scores), "reward_sq_sum": jnp.sum(scores * scores)}
@@ -113,17 +114,26 @@ def dpo_loss_fn(params, ref_params, batch, *, model: Transformer, cfg: Preferenc
 
 
 def dpo_step(state: TrainState, ref_params: Optional[Any], batch: dict, *, model: Transformer, tx, schedule,
-             cfg: PreferenceConfig, logprob_chunk: int = 0) -> tuple[TrainState, dict]:
-    """One DPO-family step. `ref_params` is the frozen reference tree (None when the batch carries
-    cached reference log-probs, or for SimPO)."""
-    (_, metrics), grads = jax.value_and_grad(dpo_loss_fn, has_aux=True)(
-        state.params, ref_params, batch, model=model, cfg=cfg, logprob_chunk=logprob_chunk)
+             cfg: PreferenceConfig, logprob_chunk: int = 0,
+             lora_cfg: Optional[LoraConfig] = None) -> tuple[TrainState, dict]:
+    """One DPO-family step. `ref_params` is the frozen reference tree; it is None when the batch
+    carries cached reference log-probs, for SimPO, and with LoRA, where the reference is the frozen
+    base `state.frozen` with the adapters off (no copy, no second argument aliasing the state)."""
+    if lora_cfg is not None and ref_params is None:
+        ref_params = state.frozen
+    loss = lambda p: dpo_loss_fn(lora.apply_params(p, state.frozen, lora_cfg), ref_params, batch, model=model,
+                                 cfg=cfg, logprob_chunk=logprob_chunk)
+    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     state, extra = _apply_update(state, grads, tx, schedule)
     return state, {**metrics, **extra}
 
 
-def dpo_eval_step(params, ref_params, batch, *, model: Transformer, cfg: PreferenceConfig, logprob_chunk: int = 0) -> dict:
+def dpo_eval_step(params, frozen, ref_params, batch, *, model: Transformer, cfg: PreferenceConfig,
+                  logprob_chunk: int = 0, lora_cfg: Optional[LoraConfig] = None) -> dict:
     """Sums over the batch: DPO loss and implicit-reward accuracy."""
-    loss, metrics = dpo_loss_fn(params, ref_params, batch, model=model, cfg=cfg, logprob_chunk=logprob_chunk)
+    if lora_cfg is not None and ref_params is None:
+        ref_params = frozen
+    loss, metrics = dpo_loss_fn(lora.apply_params(params, frozen, lora_cfg), ref_params, batch, model=model, cfg=cfg,
+                                logprob_chunk=logprob_chunk)
     B = jnp.float32(batch["chosen"]["tokens"].shape[0])
     return {"loss_sum": loss * B, "correct": metrics["reward_accuracy"] * B, "pairs": B}

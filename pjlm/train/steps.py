@@ -8,14 +8,15 @@ k-times larger batch however unevenly the targets fall.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from pjlm import losses
+from pjlm import lora, losses
+from pjlm.config import LoraConfig
 from pjlm.model import Transformer, target_logprobs
 from pjlm.train.state import TrainState
 
@@ -60,10 +61,14 @@ def accumulate_gradients(loss_sum_fn: Callable, params: Any, batch: dict, k: int
 
 
 def lm_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.GradientTransformation,
-            schedule: optax.Schedule, grad_accum: int = 1, logprob_chunk: int = 0) -> tuple[TrainState, dict]:
-    """One optimizer step on the next-token loss (pre-training and SFT differ only in loss_mask)."""
+            schedule: optax.Schedule, grad_accum: int = 1, logprob_chunk: int = 0,
+            lora_cfg: Optional[LoraConfig] = None) -> tuple[TrainState, dict]:
+    """One optimizer step on the next-token loss (pre-training and SFT differ only in loss_mask).
+    With LoRA the gradient is taken with respect to the adapters only; the base in `state.frozen`
+    is merged in inside the forward."""
     batch = {k: batch[k] for k in LM_KEYS}
-    loss_fn = lambda p, b: lm_loss_sum(p, b, model=model, logprob_chunk=logprob_chunk)
+    loss_fn = lambda p, b: lm_loss_sum(lora.apply_params(p, state.frozen, lora_cfg), b, model=model,
+                                       logprob_chunk=logprob_chunk)
     grads, metrics = accumulate_gradients(loss_fn, state.params, batch, grad_accum)
     n_tokens = jnp.maximum(metrics["n_tokens"], 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / n_tokens, grads)
@@ -83,7 +88,9 @@ pretrain_step = lm_step
 sft_step = lm_step
 
 
-def lm_eval_step(params: Any, batch: dict, *, model: Transformer, logprob_chunk: int = 0) -> dict:
+def lm_eval_step(params: Any, frozen: Any, batch: dict, *, model: Transformer, logprob_chunk: int = 0,
+                 lora_cfg: Optional[LoraConfig] = None) -> dict:
     """Summed held-out NLL and target count of one batch (the loop divides once at the end)."""
-    _, metrics = lm_loss_sum(params, {k: batch[k] for k in LM_KEYS}, model=model, logprob_chunk=logprob_chunk)
+    _, metrics = lm_loss_sum(lora.apply_params(params, frozen, lora_cfg), {k: batch[k] for k in LM_KEYS},
+                             model=model, logprob_chunk=logprob_chunk)
     return {"loss_sum": metrics["loss_sum"], "n_tokens": metrics["n_tokens"]}

@@ -13,7 +13,6 @@ from pjlm import checkpoint as ckpt_lib
 from pjlm.config import PreferenceConfig, model_preset
 from pjlm.model import Transformer
 from pjlm.train import loop, preference
-from pjlm_testing import tiny_config
 
 
 def test_reward_score_is_read_at_the_last_real_token_under_left_and_right_padding():
@@ -62,13 +61,6 @@ def test_dpo_at_the_reference_is_log2_and_no_gradient_reaches_the_reference():
     g = jax.grad(lambda cc: preference.dpo_loss_fn(params, None, {**cached, "ref_chosen_logps": cc}, model=model,
                                                    cfg=cfg)[0])(c)
     assert float(jnp.abs(g).max()) == 0.0
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("pre")
-    loop.run(tiny_config(train=dict(steps=30, checkpoint_every=30), data=dict(synthetic_docs=800)), workdir)
-    return workdir
 
 
 def _clear_preferences(path, n=400):

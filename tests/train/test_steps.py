@@ -104,6 +104,7 @@ def test_benchmark_script_runs_the_real_step():
 def test_benchmark_script_runs_the_dpo_step():
     from experiments import bench
 
-    result = bench.main(["--phase", "dpo", "--model", "tiny", "--batch", "8", "--seq-len", "32", "--prompt-len", "8",
-                         "--steps", "2"])
-    assert result["pairs_per_s"] > 0 and abs(result["loss"] - 0.69) < 0.2  # near log 2: policy ≈ reference
+    for extra in ([], ["--lora-rank", "4"]):
+        result = bench.main(["--phase", "dpo", "--model", "tiny", "--batch", "8", "--seq-len", "32", "--prompt-len",
+                             "8", "--steps", "2", *extra])
+        assert result["pairs_per_s"] > 0 and abs(result["loss"] - 0.69) < 0.2  # near log 2: policy ≈ reference
