@@ -2,6 +2,7 @@
 
     pjlm train CONFIG.py --workdir DIR [--set section.field=value ...]
     pjlm sample --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--samples K]
+    pjlm import-hf SRC DST · pjlm export-hf --workdir DIR OUT   (see pjlm/hf_cli.py)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from pjlm import hf_cli
 from pjlm.config import Config, ConfigError, apply_overrides
 
 
@@ -66,9 +68,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sample.add_argument("--samples", type=int, default=1)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--escape", action="store_true", help="print newlines as \\n")
+    hf_cli.add_subcommands(sub)
     args = parser.parse_args(argv)
     try:
-        return {"train": _train, "sample": _sample}[args.command](args)
+        return (getattr(args, "handler", None) or {"train": _train, "sample": _sample}[args.command])(args)
     except ConfigError as e:
         print(f"pjlm: config error: {e}", file=sys.stderr)
         return 2

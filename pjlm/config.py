@@ -254,7 +254,7 @@ class DataConfig:
 class TrainConfig:
     """The run: phase, length, cadences."""
 
-    phase: Literal["pretrain", "sft", "reward", "dpo"] = "pretrain"
+    phase: Literal["pretrain", "sft", "reward", "dpo", "ppo"] = "pretrain"
     """Which step to run."""
     steps: int = 1000
     """Total optimizer steps."""
@@ -315,6 +315,52 @@ class PreferenceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """RLHF with PPO (or a critic-free group baseline) against a KL penalty to the reference."""
+
+    reward_model: Optional[str] = None
+    """Work directory of a reward-model run: the 'model' reward component, and the value model's start."""
+    rewards: tuple[str, ...] = ("model:1.0",)
+    """Reward components as kind:weight[:key=value...]: model, vader, length:w:target=40:scale=0.05,
+    regex:w:pattern=..., eos_penalty:w:penalty=1."""
+    group_size: int = 1
+    """Samples per prompt (RLOO/GRPO need ≥ 2); a rollout is data.batch_size prompts × group_size.
+    Prompts longer than data.max_prompt_len are cut from the left (and counted)."""
+    max_new_tokens: int = 48
+    """Response budget; a response that never emits EOS still trains (see rewards' eos_penalty)."""
+    temperature: float = 1.0
+    """Sampling temperature; policy, old-policy and reference log-probs are all taken at it."""
+    epochs: int = 2
+    """Passes over each rollout."""
+    minibatches: int = 2
+    """Minibatches per pass."""
+    clip: float = 0.2
+    """PPO ratio clip ε."""
+    value_clip: float = 0.2
+    """Value clip around the rollout's values."""
+    value_coef: float = 0.5
+    """Weight of the value loss (its own optimizer; the weight scales its gradient)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE λ."""
+    kl_kind: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator in the reward."""
+    kl_coef: float = 0.05
+    """β (initial β when adaptive)."""
+    kl_target: Optional[float] = None
+    """Adaptive controller's target sequence KL (Ziegler et al. 2019); None keeps β fixed."""
+    kl_horizon: int = 10000
+    """Adaptive controller's horizon, in samples."""
+    advantage: Literal["gae", "rloo", "grpo"] = "gae"
+    """gae uses the value model; rloo and grpo a group baseline (no critic)."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the rollout's response tokens."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One run of one phase. Experiment files define `get_config() -> Config`."""
 
@@ -332,6 +378,8 @@ class Config:
     """Reward-model and DPO settings (used by those phases)."""
     lora: Optional[LoraConfig] = None
     """Train low-rank adapters on a frozen base (train.init_from) instead of all weights."""
+    ppo: PPOConfig = PPOConfig()
+    """RLHF settings (phase ppo)."""
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -348,97 +396,5 @@ class Config:
         return self
 
 
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
-def from_dict(cls, data: dict):
-    """Rebuild a (nested) config dataclass from `to_dict`'s output; unknown keys are errors."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in hints:
-            raise ConfigError(f"unknown key {key!r} for {cls.__name__}")
-        t = _dataclass_of(hints[key])
-        kwargs[key] = from_dict(t, value) if t is not None and isinstance(value, dict) else _coerce(hints[key], value, key)
-    return cls(**kwargs)
-
-
-def _dataclass_of(t):
-    """The dataclass type behind `t` or `Optional[t]`, else None."""
-    if typing.get_origin(t) is typing.Union:
-        t = next((a for a in typing.get_args(t) if a is not type(None)), None)
-    return t if dataclasses.is_dataclass(t) else None
-
-
-def _coerce(t, value, key: str):
-    origin, args = typing.get_origin(t), typing.get_args(t)
-    if value is None:
-        if origin is typing.Union and type(None) in args:
-            return None
-        raise ConfigError(f"{key} cannot be None")
-    if origin is typing.Union:
-        return _coerce(next(a for a in args if a is not type(None)), value, key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}={value!r}; choose one of {', '.join(map(repr, args))}")
-        return value
-    if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
-        return tuple(_coerce(args[0], v, key) for v in items if v != "")
-    if t is bool:
-        if isinstance(value, str):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
-            return value.lower() in ("true", "1", "yes")
-        return bool(value)
-    if t in (int, float, str):
-        try:
-            return t(value)
-        except ValueError:
-            raise ConfigError(f"{key}={value!r} is not a valid {t.__name__}") from None
-    return value
-
-
-def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
-    """Apply `section.field=value` strings (as given to `--set`); errors list the valid keys."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.field=value")
-        key, value = item.split("=", 1)
-        config = _set(config, key.strip().split("."), value, key)
-    return config.validate()
-
-
-def _set(obj, path: list[str], value: str, full_key: str):
-    fields = {f.name for f in dataclasses.fields(obj)}
-    name = path[0]
-    if name not in fields:
-        valid = ", ".join(sorted(_keys(obj)))
-        raise ConfigError(f"unknown config key {full_key!r}; valid keys: {valid}")
-    current = getattr(obj, name)
-    section = _dataclass_of(typing.get_type_hints(type(obj))[name])
-    if current is None and section is not None and len(path) > 1:  # an optional section switched on
-        current = section()
-    if len(path) > 1:
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"config key {full_key!r}: {name} has no sub-fields")
-        return dataclasses.replace(obj, **{name: _set(current, path[1:], value, full_key)})
-    if section is not None and value.lower() in ("none", "null") and typing.get_origin(
-            typing.get_type_hints(type(obj))[name]) is typing.Union:
-        return dataclasses.replace(obj, **{name: None})  # an optional section switched off
-    if dataclasses.is_dataclass(current):
-        raise ConfigError(f"config key {full_key!r} is a section; set one of its fields, e.g. {full_key}."
-                          f"{dataclasses.fields(current)[0].name}=...")
-    t = typing.get_type_hints(type(obj))[name]
-    parsed = None if value.lower() in ("none", "null") else value
-    return dataclasses.replace(obj, **{name: _coerce(t, parsed, full_key)})
-
-
-def _keys(obj, prefix: str = "") -> list[str]:
-    out = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = prefix + f.name
-        out += _keys(value, key + ".") if dataclasses.is_dataclass(value) else [key]
-    return out
+# Serialisation and command-line overrides live in pjlm/overrides.py; re-exported here.
+from pjlm.overrides import apply_overrides, from_dict, to_dict  # noqa: E402,F401

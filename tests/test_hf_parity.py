@@ -66,3 +66,19 @@ def test_unsupported_hf_features_are_errors():
         hf.config_from_hf({**base, "model_type": "gpt2"})
     with pytest.raises(ConfigError, match="hidden_act 'gelu'"):
         hf.config_from_hf({**base, "hidden_act": "gelu"})
+    with pytest.raises(ConfigError, match="attention_bias=True"):
+        hf.config_from_hf({**base, "attention_bias": True})
+    with pytest.raises(ConfigError, match=r"quantized checkpoints \(gptq\)"):
+        hf.config_from_hf({**base, "quantization_config": {"quant_method": "gptq"}})
+    with pytest.raises(ConfigError, match="partial_rotary_factor=0.5"):
+        hf.config_from_hf({**base, "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}})
+    with pytest.raises(ConfigError, match="'LlamaForSequenceClassification' is not a causal LM"):
+        hf.config_from_hf({**base, "architectures": ["LlamaForSequenceClassification"]})
+    with pytest.raises(ConfigError, match="Qwen2 per-layer sliding windows"):
+        hf.config_from_hf({**base, "model_type": "qwen2", "use_sliding_window": True})
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_config_round_trips_through_config_json(case):
+    config = hf.config_from_hf(_hf_model(case)[1].config.to_dict())
+    assert hf.config_from_hf(hf.config_to_hf(config)) == config

@@ -14,14 +14,15 @@ from pjlm.data.loader import Batcher
 from pjlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
-_SCHEMA_OF_PHASE = {"pretrain": "text", "sft": "sft", "reward": "preference", "dpo": "preference"}
+_SCHEMA_OF_PHASE = {"pretrain": "text", "sft": "sft", "reward": "preference", "dpo": "preference",
+                    "ppo": "prompts"}
 REVIEW_PROMPT = "Write a review.\n"
 
 
 def synthetic_rows(phase: str, n_docs: int, seed: int = 0) -> datasets.Dataset:
     """The built-in corpus, scored by VADER's compound sentiment where a phase needs labels:
 
-    pretrain: the reviews as text; sft: "Write a positive/negative review.\n" and a review of that
+    pretrain: the reviews as text; ppo: the prompt "Write a review.\n"; sft: "Write a positive/negative review.\n" and a review of that
     sentiment (compound > 0.05 or < −0.05); reward/dpo: the prompt "Write a review.\n" with two
     consecutive reviews as chosen (the more positive) and rejected, kept when their scores differ
     by more than 0.1 — the controlled-sentiment preference, more positive is better.
@@ -29,6 +30,8 @@ def synthetic_rows(phase: str, n_docs: int, seed: int = 0) -> datasets.Dataset:
     docs = synthetic.generate(n_docs, seed)
     if phase == "pretrain":
         return datasets.Dataset.from_dict({"text": docs})
+    if phase == "ppo":  # the reward model's prompt; the policy is free to write any review
+        return datasets.Dataset.from_dict({"prompt": [REVIEW_PROMPT] * n_docs})
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     vader = SentimentIntensityAnalyzer()
@@ -110,8 +113,11 @@ def make_batcher(rows: datasets.Dataset, schema: str, cfg: DataConfig, tokenizer
     """Tokenize (and pack) normalised rows into a Batcher; returns it with the tokenization stats."""
     buckets = tuple(cfg.buckets) or (cfg.seq_len,)
     max_len = cfg.seq_len if cfg.pack or schema == "text" else max(buckets)
+    max_prompt_len = cfg.max_prompt_len
+    if schema == "prompts":  # a prompt row is the prompt alone: it must fit the largest bucket
+        max_prompt_len = min(max_prompt_len or max(buckets), max(buckets))
     ids, stats = batching.tokenize(rows, tokenizer, schema, max_len=1 << 30 if schema == "text" else max_len,
-                                   max_prompt_len=cfg.max_prompt_len)
+                                   max_prompt_len=max_prompt_len)
     common = dict(global_batch_size=batch_size, vocab_size=vocab_size, pad_id=tokenizer.pad_id, seed=seed,
                   process_index=process_index, process_count=process_count)
     if schema == "text" or (schema == "sft" and cfg.pack):

@@ -134,7 +134,7 @@ def setup(config: Config, workdir: Path) -> _Run:
     if config.lora is not None and not config.train.init_from:
         raise ConfigError("LoRA trains adapters on a frozen base: set train.init_from to the base run's work "
                           "directory (or an imported checkpoint)")
-    if config.train.phase in phases.PREFERENCE_PHASES and not config.train.init_from:
+    if config.train.phase in (*phases.PREFERENCE_PHASES, "ppo") and not config.train.init_from:
         raise ConfigError(f"train.phase={config.train.phase} starts from a fine-tuned model: set train.init_from "
                           "to the SFT run's work directory")
     model = Transformer(model_cfg, head=phases.model_head(config.train.phase))
