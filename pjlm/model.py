@@ -4,6 +4,9 @@ attention with optional sliding window and q/k/v biases, SwiGLU, layers under `n
 Shape legend: B batch, L length (S: key length), D model width, F MLP width, N query heads,
 K kv heads, G = N // K query heads per kv head, H head dim, V vocabulary.
 
+Generation (`pjlm.generate`) calls the same module with a `KVCache`: an explicit pytree of keys and
+values [layers, B, S, K, H] carried through the scan over layers and returned, never a Flax collection.
+
 Parameter paths, shapes and logical axes are fixed in DESIGN.md; model code names logical axes only.
 """
 
@@ -13,6 +16,7 @@ import functools
 from typing import Literal, Optional
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -53,6 +57,55 @@ def attention_mask(segment_ids_BL: jax.Array, sliding_window: Optional[int]) -> 
         allowed_LS &= k_idx > q_idx - sliding_window
     same_BLS = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
     return (allowed_LS[None] & same_BLS)[:, None]
+
+
+def cache_attention_mask(q_segment_BL: jax.Array, k_segment_BS: jax.Array, index: jax.Array,
+                         sliding_window: Optional[int]) -> jax.Array:
+    """[B, 1, L, S] boolean for L queries written at cache slots index … index+L−1 against all S slots.
+
+    The same rule as `attention_mask`, by slot: causal, same segment (so padding and unwritten slots,
+    segment 0, are invisible to real tokens), and within the window. Prompts are left-padded, so a
+    row's real tokens fill consecutive slots and slot distance equals position distance.
+    """
+    L, S = q_segment_BL.shape[1], k_segment_BS.shape[1]
+    q_slot, k_slot = index + jnp.arange(L)[:, None], jnp.arange(S)[None, :]
+    allowed_LS = k_slot <= q_slot
+    if sliding_window is not None:
+        allowed_LS &= k_slot > q_slot - sliding_window
+    same_BLS = q_segment_BL[:, :, None] == k_segment_BS[:, None, :]
+    return (allowed_LS[None] & same_BLS)[:, None]
+
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer, preallocated for S slots, written in place as tokens arrive.
+
+    All rows write the same slot (`index`): prompts are left-padded to a common length P, so slot P+t
+    holds the t-th new token of every row. Pass it to `Transformer.__call__(..., cache=)`, which
+    writes the call's L tokens at slots index … index+L−1 and returns the cache with index += L.
+    """
+    k: jax.Array
+    """[layers, B, S, K, H] keys after RoPE, in the compute dtype; logical axes `CACHE_AXES`."""
+    v: jax.Array
+    """[layers, B, S, K, H] values."""
+    segment_ids: jax.Array
+    """[B, S] int32: the segment of the token in each slot; 0 = padding or not yet written."""
+    index: jax.Array
+    """int32 scalar: the next slot to write."""
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, length: int) -> "KVCache":
+        """An empty cache for `batch` rows of `length` slots, constrained to `CACHE_AXES` under a mesh."""
+        if length > config.max_len:
+            raise ValueError(f"a cache of {length} slots (prompt + new tokens) exceeds model.max_len="
+                             f"{config.max_len}; raise max_len or shorten the prompt or max_new_tokens")
+        shape = (config.n_layers, batch, length, config.n_kv_heads, config.resolved_head_dim)
+        zeros = nn.with_logical_constraint(jnp.zeros(shape, _dtype(config.dtype)), CACHE_AXES)
+        return cls(k=zeros, v=zeros, segment_ids=jnp.zeros((batch, length), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
 
 
 def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -139,7 +192,9 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD, cos_BLH, sin_BLH, mask_B1LS):
+    def __call__(self, x_BLD, cos_BLH, sin_BLH, mask_B1LS, kv=None, layer=None, index=None):
+        """Returns (out [B, L, D], kv). With `kv` = (k, v) of the whole cache [layers, B, S, K, H], this
+        layer's keys and values are written at [layer, :, index:index+L] and the mask is [B, 1, L, S]."""
         c = self.config
         D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.resolved_head_dim
         dense = functools.partial(Linear, dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
@@ -149,11 +204,28 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(apply_rope(q, cos_BLH, sin_BLH), ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(apply_rope(k, cos_BLH, sin_BLH), ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-        if c.attention == "einsum":
+        if kv is not None:  # write this call's keys and values into the cache, then attend to all of it
+            kv, k, v = _write_kv(kv, k, v, layer, index)
+            out_BLNH = einsum_attention(q, k, v, mask_B1LS)
+        elif c.attention == "einsum":
             out_BLNH = einsum_attention(q, k, v, mask_B1LS)
         else:
             out_BLNH = fused_attention(q, k, v, mask_B1LS, c.attention, c.sliding_window)
-        return dense((N, H), (D,), ("heads", "head_dim", "embed"), "BLNH,NHD->BLD", False, name="o")(out_BLNH)
+        out_BLD = dense((N, H), (D,), ("heads", "head_dim", "embed"), "BLNH,NHD->BLD", False, name="o")(out_BLNH)
+        return out_BLD, kv
+
+
+def _write_kv(kv, k_BLKH, v_BLKH, layer, index):
+    """In-place update of the carried cache (a while-loop carry, so XLA writes only L slots), then
+    this layer's [B, S, K, H] keys and values."""
+    k_all, v_all = kv
+    start = (layer, 0, index, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(k_all, k_BLKH[None].astype(k_all.dtype), start)
+    v_all = jax.lax.dynamic_update_slice(v_all, v_BLKH[None].astype(v_all.dtype), start)
+    k_all, v_all = (nn.with_logical_constraint(a, CACHE_AXES) for a in (k_all, v_all))
+    k_BSKH = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False)
+    v_BSKH = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False)
+    return (k_all, v_all), k_BSKH, v_BSKH
 
 
 class MLP(nn.Module):
@@ -174,12 +246,17 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD, cos_BLH, sin_BLH, mask_B1LS):
+    def __call__(self, carry, cos_BLH, sin_BLH, mask_B1LS, layer=None, index=None):
+        """The carry is x [B, L, D], or (x, k, v) with the whole cache when decoding (`layer` given)."""
         c = self.config
+        x_BLD, kv = (carry, None) if layer is None else (carry[0], carry[1:])
         norm = functools.partial(RMSNorm, c.norm_eps, _dtype(c.dtype), _dtype(c.param_dtype))
-        x_BLD = x_BLD + Attention(c, name="attn")(norm(name="attn_norm")(x_BLD), cos_BLH, sin_BLH, mask_B1LS)
+        h_BLD, kv = Attention(c, name="attn")(norm(name="attn_norm")(x_BLD), cos_BLH, sin_BLH, mask_B1LS,
+                                              kv, layer, index)
+        x_BLD = x_BLD + h_BLD
         x_BLD = x_BLD + MLP(c, name="mlp")(norm(name="mlp_norm")(x_BLD))
-        return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed")), None
+        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+        return (x_BLD if kv is None else (x_BLD, *kv)), None
 
 
 _REMAT_POLICIES = {
@@ -191,21 +268,29 @@ _REMAT_POLICIES = {
 class Transformer(nn.Module):
     """`Transformer(config, head="lm")` gives logits [B, L, V] (float32); head="scalar" gives [B, L].
 
-    `__call__(tokens_BL, positions_BL=None, segment_ids_BL=None, *, return_hidden=False)`:
-    segment ids (0 = padding) keep attention inside a document; given only segment ids, positions
-    restart at 0 per segment; given only tokens, each row is one segment. With `return_hidden=True`
-    the final normed hidden states [B, L, D] come back instead of the head's output (for
-    `pjlm.ops.chunked_token_logprobs`, which takes them with `output_kernel(params)`).
+    `__call__(tokens_BL, positions_BL=None, segment_ids_BL=None, *, return_hidden=False,
+    last_only=False, cache=None)`: segment ids (0 = padding) keep attention inside a document; given
+    only segment ids, positions restart at 0 per segment; given only tokens, each row is one segment.
+    With `return_hidden=True` the final normed hidden states [B, L, D] come back instead of the head's
+    output (for `pjlm.ops.chunked_token_logprobs`, which takes them with `output_kernel(params)`).
+    `last_only=True` keeps only the last position before the head (length 1 out: a prefill's logits).
+
+    With a `KVCache` (positions required) the call is one generation step: its tokens are written at
+    the cache's next slots and attend to everything written before (see `cache_attention_mask`); it
+    returns (output, new cache). Decoding always uses the einsum attention (one query per row).
     """
     config: ModelConfig
     head: Head = "lm"
 
     @nn.compact
-    def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, *, return_hidden: bool = False):
+    def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, *, return_hidden: bool = False,
+                 last_only: bool = False, cache: Optional[KVCache] = None):
         c = self.config
         dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones(tokens_BL.shape, jnp.int32)
+        if cache is not None and positions_BL is None:
+            raise ValueError("a call with a KV cache needs explicit positions_BL (the row's token count so far)")
         if positions_BL is None:
             positions_BL = positions_from_segments(segment_ids_BL)
         if tokens_BL.shape[1] > c.max_len:
@@ -214,22 +299,46 @@ class Transformer(nn.Module):
 
         embed = Embed(c, name="embed")
         x_BLD = nn.with_logical_constraint(embed(tokens_BL), ("batch", "length", "embed"))
-
         cos_BLH, sin_BLH = rope_tables(positions_BL, c.resolved_head_dim, c.rope_theta)
-        mask_B1LS = attention_mask(segment_ids_BL, c.sliding_window)
+        if cache is None:
+            x_BLD = self._layers(x_BLD, cos_BLH, sin_BLH, attention_mask(segment_ids_BL, c.sliding_window))
+        else:
+            x_BLD, cache = self._cached_layers(x_BLD, cos_BLH, sin_BLH, segment_ids_BL, cache)
+        if last_only:
+            x_BLD = x_BLD[:, -1:]
+        x_BLD = RMSNorm(c.norm_eps, dtype, param_dtype, name="final_norm")(x_BLD)
+        out = x_BLD if return_hidden else self._head(embed, x_BLD)
+        return out if cache is None else (out, cache)
 
+    def _scan(self, block, in_axes):
+        c = self.config
+        return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
+                       length=c.n_layers, unroll=c.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
+
+    def _layers(self, x_BLD, cos_BLH, sin_BLH, mask_B1LS):
+        c = self.config
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
-        layers = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers, unroll=c.scan_unroll,
-            metadata_params={nn.PARTITION_NAME: "layers"})
+        layers = self._scan(block, (nn.broadcast,) * 3)
         x_BLD, _ = layers(c, name="layers")(x_BLD, cos_BLH, sin_BLH, mask_B1LS)
-        x_BLD = RMSNorm(c.norm_eps, dtype, param_dtype, name="final_norm")(x_BLD)
+        return x_BLD
 
-        if return_hidden:
-            return x_BLD
+    def _cached_layers(self, x_BLD, cos_BLH, sin_BLH, segment_ids_BL, cache: KVCache):
+        """The layer scan with the whole cache in its carry, each layer updating its own slice in place."""
+        c = self.config
+        segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids_BL.astype(jnp.int32),
+                                                  (0, cache.index))
+        mask_B1LS = cache_attention_mask(segment_ids_BL, segment_BS, cache.index, c.sliding_window)
+        layers = self._scan(Block, (nn.broadcast,) * 3 + (0, nn.broadcast))
+        (x_BLD, k, v), _ = layers(c, name="layers")((x_BLD, cache.k, cache.v), cos_BLH, sin_BLH, mask_B1LS,
+                                                    jnp.arange(c.n_layers), cache.index)
+        new_cache = KVCache(k=k, v=v, segment_ids=segment_BS, index=cache.index + x_BLD.shape[1])
+        return x_BLD, new_cache
+
+    def _head(self, embed, x_BLD):
+        c = self.config
+        dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
         if self.head == "scalar":
             score = Linear((c.d_model,), (1,), ("embed", None), "BLD,DO->BLO", True, dtype, param_dtype,
                            name="score_head")(x_BLD)

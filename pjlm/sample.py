@@ -1,7 +1,5 @@
-"""A simple sampler for `pjlm sample`: one jitted full forward per new token over a fixed buffer.
-
-Correct and shape-stable (one compile), not fast; the jitted KV-cache sampler is `pjlm.generate`.
-"""
+"""`pjlm sample`: load the latest checkpoint and continue a prompt with `pjlm.generate` (KV cache,
+the whole decode loop in one compiled call)."""
 
 from __future__ import annotations
 
@@ -9,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pjlm import checkpoint as ckpt_lib
@@ -17,6 +14,7 @@ from pjlm import sharding
 from pjlm.config import Config, MeshConfig, from_dict
 from pjlm.data.pipeline import TOKENIZER_FILE
 from pjlm.data.tokenizer import Tokenizer, load_tokenizer
+from pjlm.generate import generate
 from pjlm.model import Transformer
 
 
@@ -38,33 +36,16 @@ def load_for_sampling(workdir: str | Path) -> tuple[Transformer, Any, Tokenizer]
 
 def sample_text(model: Transformer, params: Any, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int = 64,
                 temperature: float = 1.0, n: int = 1, seed: int = 0) -> list[str]:
-    """`n` continuations of `prompt` (temperature 0 = greedy), each stopped at eos."""
+    """`n` continuations of `prompt` (temperature 0 = greedy), each stopped at eos (not included) or
+    after `max_new_tokens` (fewer if the model's max_len leaves less room)."""
     prompt_ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
-    L = min(model.config.max_len, len(prompt_ids) + max_new_tokens)
-    if len(prompt_ids) >= L:
+    room = model.config.max_len - len(prompt_ids)
+    if room <= 0:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens, no room under model.max_len={model.config.max_len}")
-    tokens = np.full((n, L), tokenizer.pad_id, np.int32)
-    tokens[:, :len(prompt_ids)] = prompt_ids
-
-    @jax.jit
-    def next_token(params, tokens_BL, t, key):
-        logits_BLV = model.apply({"params": params}, tokens_BL)
-        logits_BV = jax.lax.dynamic_index_in_dim(logits_BLV, t - 1, axis=1, keepdims=False)
-        if temperature == 0:
-            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        return jax.random.categorical(key, logits_BV / temperature).astype(jnp.int32)
-
-    done = np.zeros(n, bool)
-    key = jax.random.PRNGKey(seed)
-    out = [[] for _ in range(n)]
-    for t in range(len(prompt_ids), L):
-        new = np.asarray(next_token(params, jnp.asarray(tokens), t, jax.random.fold_in(key, t)))
-        tokens[:, t] = new
-        for i in np.flatnonzero(~done):
-            if new[i] == tokenizer.eos_id:
-                done[i] = True
-            else:
-                out[i].append(int(new[i]))
-        if done.all():
-            break
-    return [tokenizer.decode(ids) for ids in out]
+    tokens_BP = np.tile(np.asarray(prompt_ids, np.int32), (n, 1))
+    out = generate(model, params, tokens_BP, np.ones_like(tokens_BP), key=jax.random.key(seed),
+                   max_new_tokens=min(max_new_tokens, room), temperature=temperature, eos_id=tokenizer.eos_id,
+                   pad_id=tokenizer.pad_id)
+    response_BT = np.asarray(out["tokens"])[:, len(prompt_ids):]
+    keep_BT = (np.asarray(out["response_mask"]) == 1) & (response_BT != tokenizer.eos_id)
+    return [tokenizer.decode(row[keep].tolist()) for row, keep in zip(response_BT, keep_BT)]

@@ -95,8 +95,8 @@ def get_tokenizer(cfg: DataConfig, workdir: Path, rows: datasets.Dataset, schema
     saved = workdir / TOKENIZER_FILE
     if saved.exists():
         return load_tokenizer(saved)
-    if init_from and (Path(init_from) / TOKENIZER_FILE).exists():
-        tokenizer = load_tokenizer(Path(init_from) / TOKENIZER_FILE)
+    if init_from and any((Path(init_from) / f).exists() for f in (TOKENIZER_FILE, "tokenizer.json")):
+        tokenizer = load_tokenizer(Path(init_from))  # its tokenizer.model, else its tokenizer.json
     else:
         tokenizer = SentencePieceTokenizer.train(_texts_for_tokenizer(rows, schema),
                                                  vocab_size=cfg.tokenizer_vocab_size)

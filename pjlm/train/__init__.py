@@ -4,6 +4,10 @@ one phase from Python exactly as `pjlm train` does from the shell."""
 
 def run(config, workdir):
     """Run one phase in `workdir` (resuming from its latest checkpoint); see `pjlm.train.loop.run`."""
+    if config.train.phase == "ppo":
+        from pjlm.train.ppo import run as _ppo
+
+        return _ppo(config, workdir)
     from pjlm.train.loop import run as _run
 
     return _run(config, workdir)

@@ -1,0 +1,218 @@
+"""The PPO loop: rollout → score → reference/old log-probs and values → advantages → epochs of
+minibatch updates → KL controller → metrics and checkpoints of the whole `PPOState`.
+
+The policy starts from `train.init_from` (with LoRA: adapters on that frozen base, which is then
+also the reference); without LoRA the reference is a second, frozen copy of it. The value model is
+a separate scalar-head model initialised from the reward model (`ppo.reward_model`), as in
+InstructGPT, with its own optimizer. One iteration = one rollout of data.batch_size prompts ×
+ppo.group_size samples; train.steps counts iterations.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pjlm import checkpoint as ckpt_lib
+from pjlm import lora, metrics as metrics_lib, rewards as rewards_lib, rl, sharding
+from pjlm.config import ConfigError
+from pjlm.generate import generate
+from pjlm.model import Transformer
+from pjlm.train import loop, preference
+from pjlm.train.ppo_steps import PPOState, advantages, ppo_update_step, rollout_statistics, sequence_layout
+from pjlm.train.state import TrainState, make_optimizer
+
+
+def _model_scorer(r, mesh, directory: str):
+    """A jitted reward-model scorer over rollouts and its saved mean/std."""
+    path, step = ckpt_lib.resolve_checkpoint(directory)
+    meta = ckpt_lib.read_meta(path, step)
+    loop._check_tokenizer(meta, r.tokenizer, directory)
+    stats = meta.get("reward_stats") or {"mean": 0.0, "std": 1.0}
+    model = Transformer(r.model.config, head="scalar")
+    abstract, shardings = sharding.abstract_params(model, mesh)
+    params, _ = ckpt_lib.load_params(directory, ckpt_lib.abstract_like(abstract, shardings))
+
+    @jax.jit
+    def score(tokens, prompt_mask, response_mask):
+        positions, segments = sequence_layout(prompt_mask, response_mask)
+        rows = {"tokens": tokens, "positions": positions, "segment_ids": segments}
+        return preference.sequence_scores(model, params, rows)
+
+    return score, params, float(stats["mean"]), max(float(stats["std"]), 1e-6)
+
+
+def _init(r, cfg, tx_policy, tx_value, value_model, checkpointer):
+    """Fresh or restored PPOState and its shardings."""
+    lora_cfg, mesh, seed = r.config.lora, r.mesh, r.config.train.seed
+    policy, policy_sh = loop.init_state(r.model, tx_policy, mesh, seed, lora_cfg)
+    value, value_sh = loop.init_state(value_model, tx_value, mesh, seed + 1)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = PPOState(policy=policy, value=value, kl_beta=jax.device_put(jnp.float32(cfg.kl_coef), replicated),
+                     rng=jax.device_put(jax.random.PRNGKey(seed + 2), replicated))
+    shardings = PPOState(policy=policy_sh, value=value_sh, kl_beta=None, rng=None)
+    if checkpointer.latest_step() is not None:
+        target = ckpt_lib.abstract_like(state, jax.tree_util.tree_map(lambda x: x.sharding, state))
+        params, train, meta = checkpointer.restore(None, _params_item(target), _train_item(target))
+        loop._check_tokenizer(meta, r.tokenizer, checkpointer.directory)
+        state = _from_items(state, params, train)
+    else:
+        state = state.replace(value=state.value.replace(params=_value_init(r, cfg, value_model, state.value.params,
+                                                                           value_sh.params)))
+        if lora_cfg is None:
+            state = state.replace(policy=state.policy.replace(
+                params=loop.load_init_params(r, state.policy.params, policy_sh.params)))
+    if lora_cfg is not None:
+        state = state.replace(policy=state.policy.replace(
+            frozen=loop._load_base(r, state.policy.frozen, policy_sh.frozen)))
+    return state, shardings
+
+
+def _value_init(r, cfg, value_model, fresh, fresh_sh):
+    if cfg.reward_model:
+        params, _ = ckpt_lib.load_params(cfg.reward_model, ckpt_lib.abstract_like(fresh, fresh_sh))
+        return params
+    return loop.load_init_params(r, fresh, fresh_sh)  # the policy's trunk and a fresh value head
+
+
+def _params_item(s: PPOState) -> dict:
+    return {"policy": s.policy.params, "value": s.value.params}
+
+
+def _train_item(s: PPOState) -> dict:
+    return {"step": s.policy.step, "value_step": s.value.step, "policy_opt": s.policy.opt_state,
+            "value_opt": s.value.opt_state, "kl_beta": s.kl_beta, "rng": s.rng}
+
+
+def _from_items(s: PPOState, params: dict, train: dict) -> PPOState:
+    return s.replace(policy=s.policy.replace(params=params["policy"], opt_state=train["policy_opt"], step=train["step"]),
+                     value=s.value.replace(params=params["value"], opt_state=train["value_opt"],
+                                           step=train["value_step"]),
+                     kl_beta=train["kl_beta"], rng=train["rng"])
+
+
+def _score(r, reward_fn, model_score, rollout: dict, P: int) -> tuple[np.ndarray, dict, dict]:
+    """Decode the responses and score them with every reward component (host side)."""
+    tokens = np.asarray(jax.device_get(rollout["tokens"]))
+    prompt_mask = np.asarray(jax.device_get(rollout["prompt_mask"]))
+    mask = np.asarray(jax.device_get(rollout["response_mask"]))
+    response = tokens[:, P:]
+    finished = np.array([(row[m > 0] == r.tokenizer.eos_id).any() for row, m in zip(response, mask)])
+    texts = [r.tokenizer.decode([t for t, m in zip(row, mm) if m and t != r.tokenizer.eos_id])
+             for row, mm in zip(response, mask)]
+    prompts = [r.tokenizer.decode([t for t, m in zip(row, mm) if m]) for row, mm in zip(tokens[:, :P], prompt_mask)]
+    inp = rewards_lib.RewardInput(prompts=prompts, responses=texts, prompt_ids=tokens[:, :P], response_ids=response,
+                                  response_mask=mask, finished=finished)
+    total, parts = reward_fn(inp)
+    info = {"response_length": float(mask.sum(1).mean()), "finished_fraction": float(finished.mean())}
+    return np.asarray(total, np.float32), parts, {**info, "texts": texts}
+
+
+def _updates(state: PPOState, buffer: dict, update, cfg, key, iteration: int) -> tuple[PPOState, dict]:
+    """ppo.epochs passes of ppo.minibatches shuffled minibatches; returns the mean of their metrics."""
+    B = buffer["tokens"].shape[0]
+    size = B // cfg.minibatches
+    collected = []
+    for epoch in range(cfg.epochs):
+        perm = jax.random.permutation(jax.random.fold_in(key, 1000 + epoch), B)
+        for m in range(cfg.minibatches):
+            state, metrics = update(state, buffer, perm[m * size:(m + 1) * size])
+            collected.append(metrics)
+    means = {k: float(np.mean([float(c[k]) for c in collected])) for k in collected[0]}
+    bad = [k for k, v in means.items() if not np.isfinite(v)]
+    if bad:
+        raise loop.NonFiniteError(f"non-finite {', '.join(bad)} at PPO iteration {iteration}; lower "
+                                  "optimizer.learning_rate or check the rewards")
+    return state, means
+
+
+def run(config, workdir) -> loop.RunResult:
+    """Run PPO in `workdir`, resuming from its latest checkpoint."""
+    workdir = Path(workdir).absolute()
+    r = loop.setup(config, workdir)
+    cfg = r.config.ppo
+    if cfg.advantage != "gae" and cfg.group_size < 2:
+        raise ConfigError(f"ppo.advantage={cfg.advantage} needs ppo.group_size ≥ 2 samples per prompt")
+    B = r.config.data.batch_size * cfg.group_size
+    if B % cfg.minibatches:
+        raise ConfigError(f"the rollout of {B} samples does not split into ppo.minibatches={cfg.minibatches}")
+    updates = r.config.train.steps * cfg.epochs * cfg.minibatches
+    tx_policy, _ = make_optimizer(r.config.optimizer, updates)
+    tx_value, _ = make_optimizer(r.config.optimizer, updates)
+    value_model = Transformer(r.model.config, head="scalar")
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=r.config.train.keep_checkpoints)
+    try:
+        state, _ = _init(r, cfg, tx_policy, tx_value, value_model, checkpointer)
+        ref = None if r.config.lora is not None else loop.load_init_params(
+            r, jax.tree_util.tree_map(jnp.copy, state.policy.params),
+            jax.tree_util.tree_map(lambda x: x.sharding, state.policy.params))
+        return _iterate(r, state, ref, tx_policy, tx_value, value_model, checkpointer)
+    finally:
+        checkpointer.close()
+
+
+def _iterate(r, state: PPOState, ref, tx_policy, tx_value, value_model, checkpointer) -> loop.RunResult:
+    cfg, tcfg, lora_cfg = r.config.ppo, r.config.train, r.config.lora
+    specs = [rewards_lib.parse_reward_spec(text) for text in cfg.rewards]
+    scorer = _model_scorer(r, r.mesh, cfg.reward_model) if any(s["kind"] == "model" for s in specs) else None
+    current: dict = {}
+    model_fn = None
+    if scorer is not None:
+        model_fn = rewards_lib.ModelReward(lambda *_: current["model"], mean=scorer[2], std=scorer[3])
+    reward_fn = rewards_lib.build_reward(specs, model_scorer=model_fn)
+    merged = jax.jit(lambda p, f: lora.apply_params(p, f, lora_cfg))
+    stats_fn = jax.jit(functools.partial(rollout_statistics, policy_model=r.model, value_model=value_model, cfg=cfg,
+                                         lora_cfg=lora_cfg))
+    adv_fn = jax.jit(functools.partial(advantages, cfg=cfg))
+    update = jax.jit(lambda s, buf, idx: ppo_update_step(
+        s, jax.tree_util.tree_map(lambda x: x[idx], buf), policy_model=r.model, value_model=value_model,
+        tx_policy=tx_policy, tx_value=tx_value, cfg=cfg, lora_cfg=lora_cfg), donate_argnums=0)
+    history = []
+    start = int(state.policy.step) // (cfg.epochs * cfg.minibatches)
+    is_main = jax.process_index() == 0
+    with metrics_lib.MetricWriter(r.workdir, total_steps=tcfg.steps, is_main=is_main) as writer, \
+            loop._Preemption() as preemption, sharding.use_mesh(r.mesh):
+        for it in range(start, tcfg.steps):
+            host = r.train_batches.batch(it)
+            prompts = {k: np.repeat(host[k], cfg.group_size, axis=0) for k in ("tokens", "prompt_mask")}
+            prompts = sharding.shard_batch(prompts, r.mesh)
+            key = jax.random.fold_in(state.rng, it)
+            out = generate(r.model, merged(state.policy.params, state.policy.frozen), prompts["tokens"],
+                           prompts["prompt_mask"], key=key, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, eos_id=r.tokenizer.eos_id, pad_id=r.tokenizer.pad_id)
+            rollout = {"tokens": out["tokens"], "prompt_mask": prompts["prompt_mask"],
+                       "response_mask": out["response_mask"]}
+            P = prompts["tokens"].shape[1]
+            if scorer is not None:
+                current["model"] = np.asarray(scorer[0](rollout["tokens"], rollout["prompt_mask"],
+                                                        rollout["response_mask"]))
+            scores, parts, info = _score(r, reward_fn, scorer, rollout, P)
+            stats = stats_fn(state, ref, rollout)
+            adv = adv_fn(stats, jnp.asarray(scores), rollout["response_mask"], state.kl_beta)
+            buffer = {**rollout, **stats, **adv}
+            state, step_metrics = _updates(state, buffer, update, cfg, key, it + 1)
+            seq_kl = float(jnp.mean(jnp.sum(adv["kl"], axis=1)))
+            if cfg.kl_target is not None:
+                kl = rl.kl_update(rl.KLState(beta=state.kl_beta), seq_kl, len(scores), target=cfg.kl_target,
+                                  horizon=cfg.kl_horizon, adaptive=True)
+                state = state.replace(kl_beta=kl.beta)
+            if cfg.advantage == "gae":
+                step_metrics["value_explained_variance"] = float(rl.explained_variance(
+                    stats["old_values"], adv["returns"], rollout["response_mask"].astype(jnp.float32)))
+            record = {"step": it + 1, "reward": float(scores.mean()), "kl": seq_kl, "kl_beta": float(state.kl_beta),
+                      **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
+                      **{k: v for k, v in info.items() if k != "texts"}, **step_metrics}
+            writer.write(it + 1, {k: v for k, v in record.items() if k != "step"})
+            history.append(record)
+            done = it + 1
+            if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or preemption.requested:
+                checkpointer.save(done, _params_item(state), _train_item(state), loop._meta(r, done))
+            if preemption.requested:
+                break
+        checkpointer.wait()
+    return loop.RunResult(state.policy, history, r.workdir)

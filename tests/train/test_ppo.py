@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from pjlm.train import run
+
+
+def _ppo_config(make_config, pretrained, beta, steps=6, **ppo):
+    return make_config(
+        train=dict(phase="ppo", steps=steps, checkpoint_every=3, init_from=str(pretrained)),
+        data=dict(synthetic_docs=100, batch_size=8, buckets=(16,), seq_len=64, eval_rows=0),
+        optimizer=dict(learning_rate=3e-3, warmup_steps=0),
+        ppo=dict(rewards=("regex:1.0:pattern=s",), max_new_tokens=12, group_size=2, kl_coef=beta, **ppo))
+
+
+@pytest.mark.slow
+def test_ppo_raises_a_rule_based_reward_and_beta_limits_the_kl(make_config, pretrained, tmp_path):
+    low = run(_ppo_config(make_config, pretrained, beta=0.01), tmp_path / "low").history
+    rewards = [h["reward"] for h in low]
+    kls = [h["kl"] for h in low]
+    assert kls[0] == pytest.approx(0.0, abs=1e-5), "the first rollout comes from the reference itself"
+    assert np.mean(rewards[-3:]) > rewards[0] + 0.05, rewards
+    assert np.mean(kls[-3:]) > 0.05, kls
+    assert all(np.isfinite(h["policy_loss"]) and 0 <= h["clip_fraction"] <= 1 for h in low)
+    high = run(_ppo_config(make_config, pretrained, beta=2.0), tmp_path / "high").history
+    assert np.mean([h["kl"] for h in high][-3:]) < np.mean(kls[-3:]), ([h["kl"] for h in high], kls)
+
+
+@pytest.mark.slow
+def test_ppo_resumes_exactly(make_config, pretrained, tmp_path):
+    """4 iterations straight equal 3, a stop, and 1 more from the checkpoint (constant learning rate,
+    so the schedule does not depend on the planned length)."""
+    import chex
+    import jax
+
+    def config(steps):
+        c = _ppo_config(make_config, pretrained, beta=0.05, steps=steps)
+        return c.__class__(**{**c.__dict__, "optimizer": c.optimizer.__class__(
+            **{**c.optimizer.__dict__, "decay": "constant"})})
+
+    straight = run(config(4), tmp_path / "straight")
+    run(config(3), tmp_path / "resumed")
+    resumed = run(config(4), tmp_path / "resumed")
+    assert [h["step"] for h in resumed.history] == [4]
+    assert resumed.history[0]["reward"] == straight.history[-1]["reward"]
+    chex.assert_trees_all_close(jax.device_get(resumed.state.params), jax.device_get(straight.state.params),
+                                atol=1e-6)
