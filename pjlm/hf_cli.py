@@ -2,6 +2,7 @@
 
     pjlm import-hf SRC DST [--dtype float32] [--mesh 1,1,1]
     pjlm export-hf --workdir DIR OUT [--dtype float32] [--max-shard-size 5GB] [--model-type T] [--mesh 1,1,1]
+                   [--merge-lora | --adapter-only [--base-model NAME]]   (a LoRA run needs one of the two)
 
 Importing this module loads no JAX: the handlers import what they need.
 """
@@ -33,7 +34,14 @@ def add_subcommands(subparsers: Any) -> None:
     exp.add_argument("--model-type", choices=("llama", "mistral", "qwen2"), default=None,
                      help="default: qwen2 with q/k/v biases, mistral with a sliding window, else llama")
     exp.add_argument("--mesh", default="1,1,1", help=_MESH_HELP)
-    exp.set_defaults(handler=export_hf)
+    lora = exp.add_mutually_exclusive_group()
+    lora.add_argument("--merge-lora", dest="lora_mode", action="store_const", const="merge",
+                      help="LoRA run: write a full model, train.init_from's base with the adapters merged in")
+    lora.add_argument("--adapter-only", dest="lora_mode", action="store_const", const="adapter",
+                      help="LoRA run: write a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)")
+    exp.add_argument("--base-model", default=None,
+                     help="with --adapter-only: base_model_name_or_path in adapter_config.json (a hub id or path)")
+    exp.set_defaults(handler=export_hf, lora_mode=None)
 
 
 def parse_mesh(spec: str):
@@ -92,9 +100,17 @@ def import_hf(args: argparse.Namespace) -> int:
 def export_hf(args: argparse.Namespace) -> int:
     from pjlm import hf_convert
 
+    from pjlm.config import ConfigError
+
+    lora_mode = getattr(args, "lora_mode", None)
+    base_model = getattr(args, "base_model", None)
+    if base_model is not None and lora_mode != "adapter":
+        raise ConfigError("--base-model goes with --adapter-only")
     out = hf_convert.export_checkpoint(args.workdir, args.out, dtype=args.dtype, mesh=parse_mesh(args.mesh),
-                                       max_shard_size=args.max_shard_size, model_type=args.model_type)
-    print(f"exported {args.workdir} -> {out}")
+                                       max_shard_size=args.max_shard_size, model_type=args.model_type,
+                                       lora_mode=lora_mode, base_model=base_model)
+    what = {"merge": " (LoRA merged into its base)", "adapter": " (PEFT LoRA adapter)"}.get(lora_mode, "")
+    print(f"exported {args.workdir} -> {out}{what}")
     if not any((out / f).exists() for f in ("tokenizer.model", "tokenizer.json")):
         print("note: no tokenizer found for the run (data.tokenizer, the work directory, train.init_from); "
               "copy one into the output directory", file=sys.stderr)

@@ -9,7 +9,7 @@ tokenizer copied into DST), so `train.init_from=DST` starts a run from it and `e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -84,32 +84,114 @@ def _find_tokenizer(config: Config, workdir: Path, directory: Path, meta: dict) 
     return None
 
 
-def _check_exportable(meta: dict, where: Path) -> Config:
-    """The run's config, if its checkpoint holds a whole causal LM."""
+LORA_MODES = ("merge", "adapter")
+
+
+def _check_exportable(meta: dict, where: Path, lora_mode: Optional[str] = None) -> Config:
+    """The run's config, if its checkpoint holds a causal LM (whole, or LoRA adapters when
+    `lora_mode` says how to export them: "merge" or "adapter")."""
     raw = meta.get("config") or {}
     if raw.get("lora") or meta.get("lora") or meta.get("base_checkpoint"):
-        raise ckpt_lib.CheckpointError(f"the checkpoint at {where} holds LoRA adapters, not a whole model; "
-                                       "exporting adapters (--merge-lora / --adapter-only) is not implemented yet")
+        if lora_mode is None:
+            raise ckpt_lib.CheckpointError(
+                f"the checkpoint at {where} holds LoRA adapters, not a whole model; choose --merge-lora (a full "
+                "model: the base at train.init_from with the adapters merged in) or --adapter-only (a PEFT "
+                "adapter directory)")
+        if lora_mode not in LORA_MODES:
+            raise ConfigError(f"lora_mode={lora_mode!r}; use one of {LORA_MODES}")
+    elif lora_mode is not None:
+        raise ckpt_lib.CheckpointError(f"the checkpoint at {where} is not a LoRA run; --merge-lora and "
+                                       "--adapter-only apply to LoRA runs only")
     config = from_dict(Config, raw)
     if config.train.phase == "reward":
         raise ConfigError(f"the checkpoint at {where} is a reward model (a scalar head); export-hf writes "
                           "causal language models only")
+    if lora_mode is not None and config.lora is None:
+        raise ckpt_lib.CheckpointError(f"the checkpoint at {where} has no lora section in its config")
     return config
 
 
-def export_checkpoint(workdir: str | Path, out: str | Path, *, dtype: str = "float32",
-                      mesh: Optional[jax.sharding.Mesh] = None, max_shard_size: int | str = "5GB",
-                      model_type: Optional[str] = None) -> Path:
-    """The latest checkpoint of a pjlm run (or the given step directory) as an HF directory in `out`,
-    with the run's tokenizer. Parameters are restored onto `mesh` (default the first device)."""
+def _load_adapters(config: Config, step_dir: Path, mesh: jax.sharding.Mesh, abstract: Any) -> dict:
+    """The `lora` adapters of a LoRA run's checkpoint (replicated on `mesh`: they are small)."""
+    from pjlm import lora
+
+    adapters = jax.eval_shape(lambda: lora.init(jax.random.PRNGKey(0), abstract, config.lora))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    target = {"lora": jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                             adapters)}
+    params, _ = ckpt_lib.load_params(step_dir, target)
+    return params["lora"]
+
+
+def _load_base(config: Config, abstract: Any, shardings: Any) -> Any:
+    """The frozen base of a LoRA run: `train.init_from`'s parameters (as stored in the run's config)."""
+    source = config.train.init_from
+    if not source:
+        raise ckpt_lib.CheckpointError("the LoRA run's config has no train.init_from, so its base model is unknown")
+    try:
+        params, _ = ckpt_lib.load_params(source, ckpt_lib.abstract_like(abstract, shardings))
+    except ckpt_lib.CheckpointError as e:
+        raise ckpt_lib.CheckpointError(f"cannot load the LoRA base at train.init_from={source}: {e}") from e
+    return params
+
+
+def _open_run(workdir: str | Path, lora_mode: Optional[str], mesh: Optional[jax.sharding.Mesh]):
     workdir = Path(workdir).absolute()
     directory, step = ckpt_lib.resolve_checkpoint(workdir)
     meta = ckpt_lib.read_meta(directory, step)
-    config = _check_exportable(meta, directory / str(step))
+    config = _check_exportable(meta, directory / str(step), lora_mode)
     mesh = mesh if mesh is not None else single_device_mesh()
     abstract, shardings = sharding.abstract_params(Transformer(config.model), mesh)
-    params, _ = ckpt_lib.load_params(directory / str(step), ckpt_lib.abstract_like(abstract, shardings))
+    return workdir, directory, step, meta, config, mesh, abstract, shardings
+
+
+def export_merged(workdir: str | Path, out: str | Path, *, dtype: str = "float32",
+                  mesh: Optional[jax.sharding.Mesh] = None, max_shard_size: int | str = "5GB",
+                  model_type: Optional[str] = None) -> Path:
+    """A LoRA run's latest checkpoint as a full HF directory: `train.init_from`'s base with the
+    adapters merged in (W + (α/r)·A·B), plus the run's tokenizer."""
+    from pjlm import lora
+
+    workdir, directory, step, meta, config, mesh, abstract, shardings = _open_run(workdir, "merge", mesh)
+    adapters = _load_adapters(config, directory / str(step), mesh, abstract)
+    base = _load_base(config, abstract, shardings)
+    params = lora.merge(base, adapters, config.lora)
     tokenizer = _find_tokenizer(config, workdir, directory, meta)
     return save(params, config.model, out, dtype=dtype, model_type=model_type, max_shard_size=max_shard_size,
                 tokenizer=tokenizer)
 
+
+def export_adapters(workdir: str | Path, out: str | Path, *, dtype: str = "float32",
+                    mesh: Optional[jax.sharding.Mesh] = None, base_model: Optional[str] = None) -> Path:
+    """A LoRA run's latest adapters as a PEFT directory (`adapter_config.json` +
+    `adapter_model.safetensors`, see `pjlm.hf_peft`), plus the run's tokenizer when found.
+    `base_model` goes into `base_model_name_or_path` (the HF export of `train.init_from`, or a hub id)."""
+    from pjlm import hf_peft
+
+    workdir, directory, step, meta, config, mesh, abstract, _ = _open_run(workdir, "adapter", mesh)
+    adapters = _load_adapters(config, directory / str(step), mesh, abstract)
+    out = hf_peft.save_adapters(jax.device_get(adapters), config.model, config.lora, out, dtype=dtype,
+                                base_model=base_model)
+    tokenizer = _find_tokenizer(config, workdir, directory, meta)
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, out)
+    return out
+
+
+def export_checkpoint(workdir: str | Path, out: str | Path, *, dtype: str = "float32",
+                      mesh: Optional[jax.sharding.Mesh] = None, max_shard_size: int | str = "5GB",
+                      model_type: Optional[str] = None, lora_mode: Optional[str] = None,
+                      base_model: Optional[str] = None) -> Path:
+    """The latest checkpoint of a pjlm run (or the given step directory) as an HF directory in `out`,
+    with the run's tokenizer. Parameters are restored onto `mesh` (default the first device).
+    A LoRA run needs `lora_mode`: "merge" (`export_merged`) or "adapter" (`export_adapters`)."""
+    if lora_mode == "merge":
+        return export_merged(workdir, out, dtype=dtype, mesh=mesh, max_shard_size=max_shard_size,
+                             model_type=model_type)
+    if lora_mode == "adapter":
+        return export_adapters(workdir, out, dtype=dtype, mesh=mesh, base_model=base_model)
+    workdir, directory, step, meta, config, mesh, abstract, shardings = _open_run(workdir, lora_mode, mesh)
+    params, _ = ckpt_lib.load_params(directory / str(step), ckpt_lib.abstract_like(abstract, shardings))
+    tokenizer = _find_tokenizer(config, workdir, directory, meta)
+    return save(params, config.model, out, dtype=dtype, model_type=model_type, max_shard_size=max_shard_size,
+                tokenizer=tokenizer)

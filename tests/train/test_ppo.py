@@ -44,3 +44,17 @@ def test_ppo_resumes_exactly(make_config, pretrained, tmp_path):
     assert resumed.history[0]["reward"] == straight.history[-1]["reward"]
     chex.assert_trees_all_close(jax.device_get(resumed.state.params), jax.device_get(straight.state.params),
                                 atol=1e-6)
+
+
+@pytest.mark.slow
+def test_critic_free_ppo_with_lora_trains_adapters_against_the_base(make_config, pretrained, tmp_path):
+    from pjlm import lora
+
+    c = _ppo_config(make_config, pretrained, beta=0.01, steps=2, advantage="grpo")
+    c = c.__class__(**{**c.__dict__, "lora": lora.LoraConfig(rank=4, alpha=8.0)})
+    result = run(c, tmp_path / "grpo")
+    assert set(result.state.params) == {"lora"}
+    assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the base is the reference
+    assert result.history[-1]["kl"] != 0.0 and "value_loss" not in result.history[-1]
+    b = np.asarray(result.state.params["lora"]["layers"]["attn"]["q"]["kernel"]["b"])
+    assert np.abs(b).max() > 0
