@@ -11,6 +11,7 @@ ppo.group_size samples; train.steps counts iterations.
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -182,20 +183,25 @@ def _iterate(r, state: PPOState, ref, tx_policy, tx_value, value_model, checkpoi
             prompts = {k: np.repeat(host[k], cfg.group_size, axis=0) for k in ("tokens", "prompt_mask")}
             prompts = sharding.shard_batch(prompts, r.mesh)
             key = jax.random.fold_in(state.rng, it)
+            t0 = time.perf_counter()
             out = generate(r.model, merged(state.policy.params, state.policy.frozen), prompts["tokens"],
                            prompts["prompt_mask"], key=key, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, eos_id=r.tokenizer.eos_id, pad_id=r.tokenizer.pad_id)
             rollout = {"tokens": out["tokens"], "prompt_mask": prompts["prompt_mask"],
                        "response_mask": out["response_mask"]}
             P = prompts["tokens"].shape[1]
+            jax.block_until_ready(out)
+            t1 = time.perf_counter()
             if scorer is not None:
                 current["model"] = np.asarray(scorer[0](rollout["tokens"], rollout["prompt_mask"],
                                                         rollout["response_mask"]))
             scores, parts, info = _score(r, reward_fn, scorer, rollout, P)
+            t2 = time.perf_counter()
             stats = stats_fn(state, ref, rollout)
             adv = adv_fn(stats, jnp.asarray(scores), rollout["response_mask"], state.kl_beta)
             buffer = {**rollout, **stats, **adv}
             state, step_metrics = _updates(state, buffer, update, cfg, key, it + 1)
+            step_metrics.update(time_generate_s=t1 - t0, time_score_s=t2 - t1, time_update_s=time.perf_counter() - t2)
             seq_kl = float(jnp.mean(jnp.sum(adv["kl"], axis=1)))
             if cfg.kl_target is not None:
                 kl = rl.kl_update(rl.KLState(beta=state.kl_beta), seq_kl, len(scores), target=cfg.kl_target,
