@@ -26,14 +26,18 @@ IMPORT_DIR = "runs/tinyllama-base"
 """Where `pjlm import-hf` wrote the base model (also the default `train.init_from`)."""
 
 
-def get_config() -> Config:
+def imported_model(import_dir: str = IMPORT_DIR):
+    """The imported checkpoint's model config with the accelerator settings (the preset before it exists)."""
     speed = dict(dtype="bfloat16", remat="save_dots", attention="cudnn")
-    if (Path(IMPORT_DIR) / "checkpoints").exists():
+    if (Path(import_dir) / "checkpoints").exists():
         from pjlm.hf import model_config_of
 
-        model = model_config_of(IMPORT_DIR, **speed)
-    else:
-        model = model_preset("tinyllama-1.1b", **speed)
+        return model_config_of(import_dir, **speed)
+    return model_preset("tinyllama-1.1b", **speed)
+
+
+def get_config() -> Config:
+    model = imported_model()
     return Config(
         model=model,
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),

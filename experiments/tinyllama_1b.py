@@ -1,6 +1,7 @@
 """Pre-train the TinyLlama-1.1B shape: one GPU, or a TPU pod slice.
 
-One H100/H200 (bf16 compute, float32 master weights, remat of everything but the weight matmuls):
+Hardware: one H100/H200 (bf16 compute, float32 master weights, remat of everything but the weight
+matmuls), or a TPU pod slice. On one GPU:
 
     pjlm train experiments/tinyllama_1b.py --workdir runs/tinyllama \\
         --set data.source=/data/text.jsonl --set data.tokenizer=/models/llama2/tokenizer.model
