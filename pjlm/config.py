@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional
 
 Remat = Literal["none", "full", "save_dots"]
 Attention = Literal["einsum", "xla", "cudnn"]

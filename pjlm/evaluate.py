@@ -40,13 +40,8 @@ def reward_and_kl(model: Transformer, params: Any, ref_params: Any, tokenizer: T
     logp = jax.jit(lambda p: response_logps(model, p, rollout, temperature))
     response_mask = np.asarray(out["response_mask"], np.float32)
     kl = np.sum((np.asarray(logp(params)) - np.asarray(logp(ref_params))) * response_mask, axis=1)
-    response = np.asarray(out["tokens"])[:, P:]
-    finished = np.array([(row[m > 0] == tokenizer.eos_id).any() for row, m in zip(response, response_mask)])
-    texts = [tokenizer.decode([t for t, m in zip(row, mm) if m and t != tokenizer.eos_id])
-             for row, mm in zip(response, response_mask)]
-    batch = rewards_lib.RewardInput(prompts=[p for p in prompts for _ in range(samples_per_prompt)], responses=texts,
-                                    prompt_ids=tokens, response_ids=response, response_mask=response_mask,
-                                    finished=finished)
+    batch = rewards_lib.RewardInput.from_rollout(tokenizer, out["tokens"], mask, out["response_mask"])
+    texts = batch.responses
     scores = np.asarray(reward_fn(batch), np.float64)
     n = len(scores)
     return {"reward": float(scores.mean()), "reward_se": float(scores.std(ddof=1) / np.sqrt(n)),

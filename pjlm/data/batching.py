@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import datasets
 import numpy as np

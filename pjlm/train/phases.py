@@ -20,7 +20,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from pjlm import sharding
-from pjlm.model import Transformer
 from pjlm.train import preference, steps
 
 PREFERENCE_PHASES = ("reward", "dpo")

@@ -13,8 +13,6 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Any, Optional
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +24,7 @@ from pjlm.generate import generate
 from pjlm.model import Transformer
 from pjlm.train import loop, preference
 from pjlm.train.ppo_steps import PPOState, advantages, ppo_update_step, rollout_statistics, sequence_layout
-from pjlm.train.state import TrainState, make_optimizer
+from pjlm.train.state import make_optimizer
 
 
 def _model_scorer(r, mesh, directory: str):
@@ -97,21 +95,13 @@ def _from_items(s: PPOState, params: dict, train: dict) -> PPOState:
                      kl_beta=train["kl_beta"], rng=train["rng"])
 
 
-def _score(r, reward_fn, model_score, rollout: dict, P: int) -> tuple[np.ndarray, dict, dict]:
+def _score(r, reward_fn, rollout: dict) -> tuple[np.ndarray, dict, dict]:
     """Decode the responses and score them with every reward component (host side)."""
-    tokens = np.asarray(jax.device_get(rollout["tokens"]))
-    prompt_mask = np.asarray(jax.device_get(rollout["prompt_mask"]))
-    mask = np.asarray(jax.device_get(rollout["response_mask"]))
-    response = tokens[:, P:]
-    finished = np.array([(row[m > 0] == r.tokenizer.eos_id).any() for row, m in zip(response, mask)])
-    texts = [r.tokenizer.decode([t for t, m in zip(row, mm) if m and t != r.tokenizer.eos_id])
-             for row, mm in zip(response, mask)]
-    prompts = [r.tokenizer.decode([t for t, m in zip(row, mm) if m]) for row, mm in zip(tokens[:, :P], prompt_mask)]
-    inp = rewards_lib.RewardInput(prompts=prompts, responses=texts, prompt_ids=tokens[:, :P], response_ids=response,
-                                  response_mask=mask, finished=finished)
+    inp = rewards_lib.RewardInput.from_rollout(r.tokenizer, *jax.device_get(
+        (rollout["tokens"], rollout["prompt_mask"], rollout["response_mask"])))
     total, parts = reward_fn(inp)
-    info = {"response_length": float(mask.sum(1).mean()), "finished_fraction": float(finished.mean())}
-    return np.asarray(total, np.float32), parts, {**info, "texts": texts}
+    info = {"response_length": float(inp.lengths.mean()), "finished_fraction": float(inp.finished.mean())}
+    return np.asarray(total, np.float32), parts, info
 
 
 def _updates(state: PPOState, buffer: dict, update, cfg, key, iteration: int) -> tuple[PPOState, dict]:
@@ -189,13 +179,12 @@ def _iterate(r, state: PPOState, ref, tx_policy, tx_value, value_model, checkpoi
                            temperature=cfg.temperature, eos_id=r.tokenizer.eos_id, pad_id=r.tokenizer.pad_id)
             rollout = {"tokens": out["tokens"], "prompt_mask": prompts["prompt_mask"],
                        "response_mask": out["response_mask"]}
-            P = prompts["tokens"].shape[1]
             jax.block_until_ready(out)
             t1 = time.perf_counter()
             if scorer is not None:
                 current["model"] = np.asarray(scorer[0](rollout["tokens"], rollout["prompt_mask"],
                                                         rollout["response_mask"]))
-            scores, parts, info = _score(r, reward_fn, scorer, rollout, P)
+            scores, parts, info = _score(r, reward_fn, rollout)
             t2 = time.perf_counter()
             stats = stats_fn(state, ref, rollout)
             adv = adv_fn(stats, jnp.asarray(scores), rollout["response_mask"], state.kl_beta)
@@ -212,7 +201,7 @@ def _iterate(r, state: PPOState, ref, tx_policy, tx_value, value_model, checkpoi
                     stats["old_values"], adv["returns"], rollout["response_mask"].astype(jnp.float32)))
             record = {"step": it + 1, "reward": float(scores.mean()), "kl": seq_kl, "kl_beta": float(state.kl_beta),
                       **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
-                      **{k: v for k, v in info.items() if k != "texts"}, **step_metrics}
+                      **info, **step_metrics}
             writer.write(it + 1, {k: v for k, v in record.items() if k != "step"})
             history.append(record)
             done = it + 1

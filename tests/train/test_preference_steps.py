@@ -1,8 +1,6 @@
-import functools
 import json
 import math
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
