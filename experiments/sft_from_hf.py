@@ -19,6 +19,7 @@ Expected result: not yet measured in this project.
 """
 
 from pathlib import Path
+from typing import Optional
 
 from pjlm.config import Config, DataConfig, MeshConfig, OptimizerConfig, TrainConfig, model_preset
 
@@ -26,8 +27,10 @@ IMPORT_DIR = "runs/tinyllama-base"
 """Where `pjlm import-hf` wrote the base model (also the default `train.init_from`)."""
 
 
-def imported_model(import_dir: str = IMPORT_DIR):
-    """The imported checkpoint's model config with the accelerator settings (the preset before it exists)."""
+def imported_model(import_dir: Optional[str] = None):
+    """The imported checkpoint's model config with the accelerator settings (the preset before it
+    exists); `import_dir` defaults to IMPORT_DIR, read at call time."""
+    import_dir = import_dir or IMPORT_DIR
     speed = dict(dtype="bfloat16", remat="save_dots", attention="cudnn")
     if (Path(import_dir) / "checkpoints").exists():
         from pjlm.hf import model_config_of
