@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -21,12 +20,16 @@ class CheckpointError(RuntimeError):
     """A missing, corrupt or mismatched checkpoint; the message says what to change."""
 
 
+@jax.jit
+def _finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def all_finite(tree: Any) -> bool:
+    """Every floating leaf is free of NaN/Inf (one jitted reduction, compiled once per tree shape)."""
     leaves = [x for x in jax.tree_util.tree_leaves(tree)
               if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not leaves:
-        return True
-    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
+    return True if not leaves else bool(_finite(leaves))
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -113,6 +116,3 @@ def load_params(path: str | Path, params_target: Any) -> tuple[Any, dict]:
         raise CheckpointError(f"cannot load parameters from {directory / str(step)}: {e}") from e
     return out["params"], meta
 
-
-def to_host(tree: Any) -> Any:
-    return jax.tree_util.tree_map(np.asarray, tree)

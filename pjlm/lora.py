@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from pjlm.config import ConfigError, LoraConfig
 
-__all__ = ["LoraConfig", "init", "merge", "apply_params", "targeted_paths", "trainable_heads"]
+__all__ = ["LoraConfig", "init", "merge", "apply_params", "targeted_paths"]
 
 # Number of leading (non-layer) input axes per kernel; all other kernels take one (D, or F for down).
 _INPUT_AXES = {"attn/o/kernel": 2}
@@ -111,11 +111,6 @@ def merge(params: Any, adapters: dict, cfg: LoraConfig) -> Any:
         merged = kernel + delta(path, ab["a"], ab["b"], kernel.shape, cfg).astype(kernel.dtype)
         _set(out, path, merged)
     return out
-
-
-def trainable_heads(full_params: Any, base_keys: set[str]) -> dict:
-    """Top-level entries of a model's parameters that the base lacks (e.g. a new `score_head`)."""
-    return {k: v for k, v in full_params.items() if k not in base_keys}
 
 
 def apply_params(trainable: Any, frozen: Any, cfg: Optional[LoraConfig]) -> Any:

@@ -11,6 +11,7 @@ Legend: B rollout rows, P prompt length, T response length.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Any, Callable, Protocol
@@ -212,10 +213,8 @@ def build_reward(specs: list[dict], *, model_scorer: Callable | None = None) -> 
 
 def _parse_value(text: str) -> Any:
     for cast in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return cast(text)
-        except ValueError:
-            pass
     return text
 
 

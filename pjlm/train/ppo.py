@@ -139,9 +139,10 @@ def run(config, workdir) -> loop.RunResult:
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=r.config.train.keep_checkpoints)
     try:
         state, _ = _init(r, cfg, tx_policy, tx_value, value_model, checkpointer)
+        # Without LoRA the reference is init_from read a second time (the policy's arrays serve only as
+        # the shape/sharding template; nothing is copied). With LoRA it is the frozen base.
         ref = None if r.config.lora is not None else loop.load_init_params(
-            r, jax.tree_util.tree_map(jnp.copy, state.policy.params),
-            jax.tree_util.tree_map(lambda x: x.sharding, state.policy.params))
+            r, state.policy.params, jax.tree_util.tree_map(lambda x: x.sharding, state.policy.params))
         return _iterate(r, state, ref, tx_policy, tx_value, value_model, checkpointer)
     finally:
         checkpointer.close()
