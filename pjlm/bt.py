@@ -224,6 +224,21 @@ def wins_from_games(winners: npt.ArrayLike, losers: npt.ArrayLike, n: int) -> np
     return wins
 
 
+def wins_from_scores(scores_NP: npt.ArrayLike, *, tie_tolerance: float = 0.0) -> np.ndarray:
+    """The N×N wins matrix of N items judged on the same P prompts by a score (higher is better):
+    for every prompt and every pair of items, the higher score wins; scores within `tie_tolerance`
+    count half a win each way."""
+    s = np.asarray(scores_NP, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] < 2:
+        raise ValueError(f"scores must be [items, prompts] with at least 2 items, got shape {s.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite")
+    diff_NNP = s[:, None, :] - s[None, :, :]
+    wins = np.sum(diff_NNP > tie_tolerance, axis=-1) + 0.5 * np.sum(np.abs(diff_NNP) <= tie_tolerance, axis=-1)
+    np.fill_diagonal(wins, 0.0)
+    return wins.astype(np.float64)
+
+
 def win_probability(scores_N: npt.ArrayLike, i: IndexLike, j: IndexLike) -> Union[float, np.ndarray]:
     """P(item i beats item j) = σ(scores[i] − scores[j]); i and j may be index arrays."""
     s = np.asarray(scores_N, dtype=np.float64)

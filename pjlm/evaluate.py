@@ -5,44 +5,130 @@ function (e.g. VADER, the ground truth of the built-in corpus), and estimates th
 KL(π ‖ π_ref) from the same samples: the mean over samples of Σ_t log π(y_t|…) − log π_ref(y_t|…)
 over the response tokens, at the sampling temperature (an unbiased Monte-Carlo estimate; per-sample
 values can be negative, the mean cannot be in expectation).
+
+Best-of-N sampling has no per-token log-probs of its own; its KL to the sampling policy is the
+analytic `best_of_n_kl(N)` = log N − (N−1)/N (Stiennon et al. 2020, appendix), an upper bound that
+is tight when the N scores have no ties.
+
+Legend: B rows, P prompt length, T response length.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from pathlib import Path
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from pjlm import checkpoint as ckpt_lib
+from pjlm import lora, sharding
 from pjlm import rewards as rewards_lib
+from pjlm.config import Config, MeshConfig, from_dict
 from pjlm.data.tokenizer import Tokenizer
 from pjlm.generate import generate
 from pjlm.model import Transformer
-from pjlm.train.ppo_steps import response_logps
+from pjlm.train.ppo_steps import response_logps, sequence_layout
+from pjlm.train.preference import sequence_scores
+
+_logps = jax.jit(response_logps, static_argnames=("model", "temperature", "with_entropy"))
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n ‖ base) = log n − (n−1)/n for a continuous score (0 at n = 1)."""
+    if n < 1:
+        raise ValueError(f"best-of-n needs n ≥ 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def _left_padded(tokenizer: Tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    ids = [([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(p) for p in prompts]
+    P = max(len(row) for row in ids)
+    tokens_BP = np.full((len(ids), P), tokenizer.pad_id, np.int32)
+    mask_BP = np.zeros((len(ids), P), np.int32)
+    for i, row in enumerate(ids):
+        tokens_BP[i, P - len(row):], mask_BP[i, P - len(row):] = row, 1
+    return tokens_BP, mask_BP
+
+
+def sample(model: Transformer, params: Any, tokenizer: Tokenizer, prompts: list[str], *,
+           samples_per_prompt: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
+           seed: int = 0) -> dict:
+    """Samples for every prompt (each prompt's `samples_per_prompt` rows adjacent), as a rollout
+    {"tokens" [B,P+T], "prompt_mask" [B,P], "response_mask" [B,T]} plus its decoded `RewardInput`."""
+    tokens_BP, mask_BP = _left_padded(tokenizer, prompts)
+    tokens_BP, mask_BP = (np.repeat(x, samples_per_prompt, axis=0) for x in (tokens_BP, mask_BP))
+    out = generate(model, params, jnp.asarray(tokens_BP), jnp.asarray(mask_BP), key=jax.random.PRNGKey(seed),
+                   max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tokenizer.eos_id,
+                   pad_id=tokenizer.pad_id)
+    rollout = {"tokens": out["tokens"], "prompt_mask": jnp.asarray(mask_BP), "response_mask": out["response_mask"]}
+    batch = rewards_lib.RewardInput.from_rollout(tokenizer, out["tokens"], mask_BP, out["response_mask"])
+    return {"rollout": rollout, "batch": batch}
 
 
 def reward_and_kl(model: Transformer, params: Any, ref_params: Any, tokenizer: Tokenizer, prompts: list[str],
                   reward_fn, *, samples_per_prompt: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
                   seed: int = 0) -> dict:
-    """{"reward", "reward_se", "kl", "kl_se", "n", "texts"} for `params` against `ref_params`."""
-    ids = [([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(p) for p in prompts]
-    ids = [row for row in ids for _ in range(samples_per_prompt)]
-    P = max(len(row) for row in ids)
-    tokens = np.full((len(ids), P), tokenizer.pad_id, np.int32)
-    mask = np.zeros((len(ids), P), np.int32)
-    for i, row in enumerate(ids):
-        tokens[i, P - len(row):], mask[i, P - len(row):] = row, 1
-    out = generate(model, params, jnp.asarray(tokens), jnp.asarray(mask), key=jax.random.PRNGKey(seed),
-                   max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tokenizer.eos_id,
-                   pad_id=tokenizer.pad_id)
-    rollout = {"tokens": out["tokens"], "prompt_mask": jnp.asarray(mask), "response_mask": out["response_mask"]}
-    logp = jax.jit(lambda p: response_logps(model, p, rollout, temperature))
-    response_mask = np.asarray(out["response_mask"], np.float32)
-    kl = np.sum((np.asarray(logp(params)) - np.asarray(logp(ref_params))) * response_mask, axis=1)
-    batch = rewards_lib.RewardInput.from_rollout(tokenizer, out["tokens"], mask, out["response_mask"])
-    texts = batch.responses
-    scores = np.asarray(reward_fn(batch), np.float64)
+    """{"reward", "reward_se", "kl", "kl_se", "n", "texts", "scores"} for `params` against `ref_params`."""
+    drawn = sample(model, params, tokenizer, prompts, samples_per_prompt=samples_per_prompt,
+                   max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    rollout = drawn["rollout"]
+    response_mask = np.asarray(rollout["response_mask"], np.float32)
+    logp = lambda p: np.asarray(_logps(model, p, rollout, temperature))
+    kl = np.sum((logp(params) - logp(ref_params)) * response_mask, axis=1)
+    scores = np.asarray(reward_fn(drawn["batch"]), np.float64)
     n = len(scores)
     return {"reward": float(scores.mean()), "reward_se": float(scores.std(ddof=1) / np.sqrt(n)),
-            "kl": float(kl.mean()), "kl_se": float(kl.std(ddof=1) / np.sqrt(n)), "n": n, "texts": texts}
+            "kl": float(kl.mean()), "kl_se": float(kl.std(ddof=1) / np.sqrt(n)), "n": n,
+            "texts": drawn["batch"].responses, "scores": scores.tolist()}
+
+
+def _restore(path: Path, target: Any) -> Any:
+    params, _ = ckpt_lib.load_params(path, target)
+    return params
+
+
+def load_policy(checkpoint: str | Path, mesh: Optional[Any] = None) -> tuple[Transformer, Any, Config]:
+    """The language model, its parameters and its run's config from a checkpoint of any phase that
+    trains a policy (pretrain, sft, dpo: the params item; ppo: its `policy` entry). Under LoRA the
+    adapters are merged into the base read from the run's `train.init_from`. `checkpoint` is a work
+    directory (its latest step) or one step's folder. Params are replicated over `mesh` (default: all
+    local devices on the data axis)."""
+    directory, step = ckpt_lib.resolve_checkpoint(checkpoint)
+    config = from_dict(Config, ckpt_lib.read_meta(directory, step)["config"])
+    mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
+    model = Transformer(config.model)
+    if config.lora is None:
+        policy = ckpt_lib.abstract_like(*sharding.abstract_params(model, mesh))
+    else:  # the adapters (and any new head) as the loop saves them
+        from pjlm.train.loop import abstract_state
+
+        abstract, shardings = abstract_state(model, optax.identity(), mesh, config.lora)
+        policy = ckpt_lib.abstract_like(abstract.params, shardings.params)
+    if config.train.phase == "ppo":
+        value = ckpt_lib.abstract_like(*sharding.abstract_params(Transformer(config.model, head="scalar"), mesh))
+        params = _restore(directory / str(step), {"policy": policy, "value": value})["policy"]
+    else:
+        params = _restore(directory / str(step), policy)
+    if config.lora is not None:
+        _, base, _ = load_policy(config.train.init_from, mesh)
+        params = jax.jit(lambda p, f: lora.apply_params(p, f, config.lora))(params, base)
+    return model, params, config
+
+
+def load_reward_model(workdir: str | Path, model_config, mesh: Any) -> tuple[Any, float, float]:
+    """A reward-model run's jitted scorer (prompt tokens, prompt mask, response mask) → [B] raw
+    scores, and its saved mean/std (for normalising as (s − mean)/std)."""
+    path, step = ckpt_lib.resolve_checkpoint(workdir)
+    stats = ckpt_lib.read_meta(path, step).get("reward_stats") or {"mean": 0.0, "std": 1.0}
+    model = Transformer(model_config, head="scalar")
+    params = _restore(path / str(step), ckpt_lib.abstract_like(*sharding.abstract_params(model, mesh)))
+    @jax.jit
+    def score(tokens, prompt_mask, response_mask):
+        positions, segments = sequence_layout(prompt_mask, response_mask)
+        return sequence_scores(model, params, {"tokens": tokens, "positions": positions, "segment_ids": segments})
+
+    return score, float(stats["mean"]), max(float(stats["std"]), 1e-6)

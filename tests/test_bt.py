@@ -206,3 +206,20 @@ def test_fit_rejects_a_bad_ridge_and_ignores_the_diagonal():
         with pytest.raises(ValueError, match="ridge"):
             bt.fit(wins, ridge=ridge)
     np.testing.assert_array_equal(bt.fit(wins + 7 * np.eye(2))[0], bt.fit(wins)[0])
+
+
+def test_wins_from_scores_counts_every_prompts_pairwise_winner_with_half_ties():
+    scores = np.array([[0.9, 0.1, 0.5],
+                       [0.2, 0.1, 0.7],
+                       [0.0, 0.0, 0.0]])
+    wins = bt.wins_from_scores(scores)
+    # By hand, prompt by prompt: item 0 beats 1 on prompt 0, ties on 1, loses on 2 -> 1.5 each way.
+    expected = np.array([[0.0, 1.5, 3.0],
+                         [1.5, 0.0, 3.0],
+                         [0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(wins, expected)
+    assert np.all(wins + wins.T == 3 * (1 - np.eye(3)))     # every pair meets on every prompt
+    loose = bt.wins_from_scores(scores, tie_tolerance=0.25)  # item 1 vs 2: 0.2 and 0.1 against 0 now tie
+    assert loose[1, 2] == 2.0 and loose[2, 1] == 1.0
+    with pytest.raises(ValueError, match="at least 2 items"):
+        bt.wins_from_scores(np.zeros((1, 4)))

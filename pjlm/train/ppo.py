@@ -18,32 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from pjlm import checkpoint as ckpt_lib
-from pjlm import lora, metrics as metrics_lib, rewards as rewards_lib, rl, sharding
+from pjlm import evaluate, lora, metrics as metrics_lib, rewards as rewards_lib, rl, sharding
 from pjlm.config import ConfigError
 from pjlm.generate import generate
 from pjlm.model import Transformer
-from pjlm.train import loop, preference
-from pjlm.train.ppo_steps import PPOState, advantages, ppo_update_step, rollout_statistics, sequence_layout
+from pjlm.train import loop
+from pjlm.train.ppo_steps import PPOState, advantages, ppo_update_step, rollout_statistics
 from pjlm.train.state import make_optimizer
 
 
 def _model_scorer(r, mesh, directory: str):
     """A jitted reward-model scorer over rollouts and its saved mean/std."""
-    path, step = ckpt_lib.resolve_checkpoint(directory)
-    meta = ckpt_lib.read_meta(path, step)
-    loop._check_tokenizer(meta, r.tokenizer, directory)
-    stats = meta.get("reward_stats") or {"mean": 0.0, "std": 1.0}
-    model = Transformer(r.model.config, head="scalar")
-    abstract, shardings = sharding.abstract_params(model, mesh)
-    params, _ = ckpt_lib.load_params(directory, ckpt_lib.abstract_like(abstract, shardings))
-
-    @jax.jit
-    def score(tokens, prompt_mask, response_mask):
-        positions, segments = sequence_layout(prompt_mask, response_mask)
-        rows = {"tokens": tokens, "positions": positions, "segment_ids": segments}
-        return preference.sequence_scores(model, params, rows)
-
-    return score, params, float(stats["mean"]), max(float(stats["std"]), 1e-6)
+    loop._check_tokenizer(ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(directory)), r.tokenizer, directory)
+    return evaluate.load_reward_model(directory, r.model.config, mesh)
 
 
 def _init(r, cfg, tx_policy, tx_value, value_model, checkpointer):
@@ -155,7 +142,7 @@ def _iterate(r, state: PPOState, ref, tx_policy, tx_value, value_model, checkpoi
     current: dict = {}
     model_fn = None
     if scorer is not None:
-        model_fn = rewards_lib.ModelReward(lambda *_: current["model"], mean=scorer[2], std=scorer[3])
+        model_fn = rewards_lib.ModelReward(lambda *_: current["model"], mean=scorer[1], std=scorer[2])
     reward_fn = rewards_lib.build_reward(specs, model_scorer=model_fn)
     merged = jax.jit(lambda p, f: lora.apply_params(p, f, lora_cfg))
     stats_fn = jax.jit(functools.partial(rollout_statistics, policy_model=r.model, value_model=value_model, cfg=cfg,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pjlm import checkpoint as ckpt_lib
-from pjlm import lora
+from pjlm import evaluate, lora
 from pjlm.data.loader import Batcher
 from pjlm.train import loop
 from test_preference_steps import _clear_preferences
@@ -35,6 +35,8 @@ def test_lora_sft_trains_adapters_only_and_its_small_checkpoint_resumes(make_con
     tokens = np.asarray(r.train_batches.batch(0)["tokens"][:2])
     tuned = r.model.apply({"params": lora.apply_params(straight.state.params, straight.state.frozen, config.lora)}, tokens)
     assert float(np.abs(np.asarray(tuned) - np.asarray(r.model.apply({"params": base}, tokens))).max()) > 1e-3
+    _, loaded, _ = evaluate.load_policy(tmp_path / "straight")  # adapters merged into init_from's base
+    np.testing.assert_allclose(np.asarray(r.model.apply({"params": loaded}, tokens)), np.asarray(tuned), atol=1e-5)
 
     adapter_bytes = _dir_bytes(tmp_path / "straight" / "checkpoints" / "8" / "params")
     full_bytes = _dir_bytes(pretrained / "checkpoints" / "30" / "params")

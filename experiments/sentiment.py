@@ -1,0 +1,340 @@
+"""Controlled sentiment, end to end: how much ground-truth reward each preference method buys for
+how much KL from the SFT policy (the small-scale analogue of the DPO paper's §6.1 and Fig. 2).
+
+    python -m experiments.sentiment --workdir runs/sentiment                 # the default, CPU-sized
+    python -m experiments.sentiment --workdir runs/sweep --scale sweep       # the full sweep
+    python -m experiments.sentiment --workdir runs/imdb --scale gpu --corpus stanfordnlp/imdb
+
+VADER's compound sentiment of a response is the ground-truth reward (more positive is better).
+Phases, each in its own sub-directory of the work directory:
+
+1. `data/`: the corpus (the built-in reviews, or any text dataset) cut into pre-training text,
+   SFT rows (prompt = a review's first 2–8 words, response = the rest) and held-out prompts;
+2. `pretrain/`, `sft/`: the tokenizer and the `small` model, pre-trained, then fine-tuned;
+3. `data/pairs_*.jsonl`: 4 SFT samples per training prompt, scored by VADER; every pair of them
+   whose scores differ by at least `min_gap` is a preference pair (the more positive chosen);
+4. `reward/`: a Bradley–Terry reward model on those pairs (held-out accuracy in the report);
+5. `dpo-*/`, `ppo-rm-*/`, `ppo-gt-*/`: DPO, PPO on the learned reward model, and PPO on VADER itself,
+   every one starting from (and regularised towards) the SFT policy;
+6. `evals.json`: every checkpoint of every run placed on the reward–KL plane from the same held-out
+   prompts, plus SFT and best-of-N from SFT (ranked by the reward model, and by VADER as an oracle);
+7. `results.json`, `frontier.png`, `curves.png`, `leaderboard.md`, `report.md` (see sentiment_report).
+
+Re-running with the same work directory skips what is finished (a phase whose last checkpoint is at
+its final step, a data file that exists, an evaluated point) and resumes an interrupted run from its
+latest checkpoint.
+
+Hardware and time: the default `cpu` scale (the 1.2M-parameter `small` model) takes about 18
+minutes on a 2-core CPU; see README.md and BENCHMARKS.md for the measured figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from pjlm import checkpoint as ckpt_lib
+from pjlm import evaluate, rewards
+from pjlm.config import (Config, DataConfig, MeshConfig, OptimizerConfig, PPOConfig, PreferenceConfig, TrainConfig,
+                         model_preset)
+from pjlm.data import synthetic
+from pjlm.data.pipeline import TOKENIZER_FILE
+from pjlm.data.tokenizer import load_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Sizes of one run of the pipeline."""
+
+    model: str = "small"
+    model_overrides: tuple[tuple[str, int], ...] = ()
+    max_len: int = 128
+    docs: int = 8000
+    """Reviews for pre-training and SFT (the held-out prompts come from further reviews)."""
+    vocab: int = 2048
+    batch: int = 16
+    pretrain_steps: int = 300
+    sft_steps: int = 300
+    sample_prompts: int = 768
+    """Training prompts sampled 4 times each from SFT to make preference pairs."""
+    samples_per_prompt: int = 4
+    min_gap: float = 0.1
+    reward_steps: int = 150
+    dpo_steps: int = 150
+    dpo_betas: tuple[float, ...] = (0.1, 0.5)
+    ppo_iterations: int = 100
+    ppo_kl_coefs: tuple[float, ...] = (0.05,)
+    ppo_kl_targets: tuple[float, ...] = ()
+    """Adaptive-β PPO runs (Ziegler et al.), one per target sequence KL."""
+    ppo_lr: float = 1e-4
+    dpo_lr: float = 1e-4
+    bon_ns: tuple[int, ...] = (1, 2, 4, 8, 16)
+    eval_prompts: int = 256
+    eval_points: int = 4
+    """Checkpoints evaluated along each run (besides step 0, the SFT policy)."""
+    max_new_tokens: int = 48
+    sample_rows: int = 4096
+    """Rows per sampling call (bounds the KV cache)."""
+
+
+SCALES = {
+    "cpu": Scale(),
+    "ci": Scale(model="tiny", max_len=64, docs=1600, vocab=1024, batch=16, pretrain_steps=400, sft_steps=200,
+                sample_prompts=384, reward_steps=160, dpo_steps=120, dpo_betas=(0.1,), ppo_iterations=60,
+                bon_ns=(1, 4), eval_prompts=256, eval_points=2, max_new_tokens=24, ppo_lr=2e-4, dpo_lr=2e-4),
+    "sweep": Scale(dpo_betas=(0.05, 0.1, 0.5, 1.0), ppo_kl_coefs=(0.02, 0.05, 0.2), ppo_kl_targets=(2.0, 6.0),
+                   ppo_iterations=200, bon_ns=(1, 2, 4, 8, 16, 64), eval_prompts=512),
+    "gpu": Scale(model_overrides=(("d_model", 512), ("n_layers", 8), ("n_heads", 8), ("n_kv_heads", 4),
+                                  ("mlp_dim", 1536)), max_len=192, docs=50000, vocab=8192, batch=64,
+                 pretrain_steps=4000, sft_steps=2000, sample_prompts=8192, reward_steps=1000, dpo_steps=1000,
+                 dpo_betas=(0.05, 0.1, 0.5, 1.0), ppo_iterations=300, ppo_kl_coefs=(0.02, 0.05, 0.2),
+                 ppo_kl_targets=(2.0, 6.0), ppo_lr=1e-5, dpo_lr=5e-5, bon_ns=(1, 2, 4, 8, 16, 64, 256),
+                 eval_prompts=1024, eval_points=8, max_new_tokens=64),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodRun:
+    """One optimisation run: `method` (dpo, ppo-rm, ppo-gt) at one hyper-parameter setting."""
+
+    method: str
+    hp: str
+    config: Config
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{re.sub(r'[^0-9a-zA-Z.]+', '', self.hp)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def load_reviews(corpus: str, n: int, seed: int, text_field: str = "text", max_words: int = 40) -> list[str]:
+    """`n` reviews: the built-in corpus, or a text column of a local file / Hub dataset (shuffled with
+    `seed`, HTML line breaks removed, cut to `max_words` words)."""
+    if corpus == "synthetic":
+        return synthetic.generate(n, seed)
+    from pjlm.data import sources
+
+    rows = sources.load_source(corpus)
+    if text_field not in rows.column_names:
+        raise ValueError(f"--corpus {corpus} has no column {text_field!r} (columns: {rows.column_names}); "
+                         "pass --text-field")
+    texts = [" ".join(re.sub(r"<br\s*/?>", " ", t).split()[:max_words]) for t in rows[text_field]]
+    texts = [t for t in texts if len(t.split()) >= 10]
+    random.Random(seed).shuffle(texts)
+    if len(texts) < n:
+        raise ValueError(f"--corpus {corpus} has {len(texts)} usable reviews (≥ 10 words), the scale needs {n}")
+    return texts[:n]
+
+
+def split_review(review: str, rng: random.Random) -> Optional[tuple[str, str]]:
+    """(prompt, response): the first 2–8 words, and the rest with its leading space; None if too short."""
+    words = review.split(" ")
+    k = rng.randint(2, 8)
+    if len(words) < k + 3:
+        return None
+    return " ".join(words[:k]), " " + " ".join(words[k:])
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write atomically: a crash leaves no half-written file for a re-run to trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def prepare_data(root: Path, scale: Scale, corpus: str, text_field: str) -> None:
+    data = root / "data"
+    if (data / "prompts_eval.jsonl").exists():
+        return
+    reviews = load_reviews(corpus, scale.docs + 2 * scale.eval_prompts, seed=0, text_field=text_field)
+    train, held = reviews[:scale.docs], reviews[scale.docs:]
+    rng = random.Random(0)
+    sft = [s for s in (split_review(r, rng) for r in train) if s]
+    eval_prompts = [s[0] for s in (split_review(r, rng) for r in held) if s][:scale.eval_prompts]
+    write_jsonl(data / "pretrain.jsonl", [{"text": r} for r in train])
+    write_jsonl(data / "sft.jsonl", [{"prompt": p, "response": r} for p, r in sft])
+    write_jsonl(data / "prompts_train.jsonl", [{"prompt": p} for p, _ in sft])
+    write_jsonl(data / "prompts_eval.jsonl", [{"prompt": p} for p in eval_prompts])
+
+
+def sample_in_chunks(model, params, tokenizer, prompts: list[str], n: int, scale: Scale, seed: int) -> dict:
+    """n samples per prompt ([prompt-major] rows), in calls of at most `scale.sample_rows` rows."""
+    per_call = max(1, scale.sample_rows // n)
+    texts, rollouts = [], []
+    for i in range(0, len(prompts), per_call):
+        drawn = evaluate.sample(model, params, tokenizer, prompts[i:i + per_call], samples_per_prompt=n,
+                                max_new_tokens=scale.max_new_tokens, seed=seed + i)
+        texts += drawn["batch"].responses
+        rollouts.append(drawn)
+    return {"texts": texts, "chunks": rollouts}
+
+
+def make_pairs(root: Path, scale: Scale, vader) -> None:
+    """Sample the SFT policy on training prompts, score with VADER, keep pairs at least min_gap apart."""
+    data = root / "data"
+    if (data / "pairs_eval.jsonl").exists():
+        return
+    model, params, _ = evaluate.load_policy(root / "sft")
+    tokenizer = load_tokenizer(root / "sft" / TOKENIZER_FILE)
+    prompts = [r["prompt"] for r in read_jsonl(data / "prompts_train.jsonl")][:scale.sample_prompts]
+    k = scale.samples_per_prompt
+    drawn = sample_in_chunks(model, params, tokenizer, prompts, k, scale, seed=1)
+    scores = np.concatenate([vader(c["batch"]) for c in drawn["chunks"]]).reshape(len(prompts), k)
+    texts = np.asarray(drawn["texts"], dtype=object).reshape(len(prompts), k)
+    pairs = []
+    for prompt, s, t in zip(prompts, scores, texts):
+        rows = [(i, j) for i in range(k) for j in range(i + 1, k)
+                if abs(s[i] - s[j]) >= scale.min_gap and t[i].strip() and t[j].strip()]  # an empty text is no pair
+        pairs.append([{"prompt": prompt, "chosen": t[i] if s[i] > s[j] else t[j],
+                       "rejected": t[j] if s[i] > s[j] else t[i]} for i, j in rows])
+    cut = int(0.9 * len(pairs))  # held-out pairs come from held-out prompts
+    write_jsonl(data / "pairs_train.jsonl", [p for group in pairs[:cut] for p in group])
+    write_jsonl(data / "pairs_eval.jsonl", [p for group in pairs[cut:] for p in group])
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+def _base(scale: Scale, phase: str, steps: int, lr: float, source: Path, init_from: Optional[Path], **data) -> Config:
+    every = max(1, math.ceil(steps / scale.eval_points))
+    data = {"batch_size": scale.batch, "seq_len": scale.max_len, "tokenizer_vocab_size": scale.vocab, **data}
+    return Config(
+        model=model_preset(scale.model, max_len=scale.max_len, **dict(scale.model_overrides)),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        optimizer=OptimizerConfig(learning_rate=lr, warmup_steps=min(20, steps // 5), weight_decay=0.0),
+        data=DataConfig(source=str(source), **data),
+        train=TrainConfig(phase=phase, steps=steps, log_every=max(1, min(20, steps // 10)), eval_every=every,
+                          eval_batches=4, checkpoint_every=every, keep_checkpoints=scale.eval_points + 1,
+                          init_from=str(init_from) if init_from else None),
+    )
+
+
+def phase_configs(root: Path, scale: Scale) -> dict[str, Config]:
+    """pretrain, sft and reward, in order."""
+    data = root / "data"
+    pretrain = _base(scale, "pretrain", scale.pretrain_steps, 3e-3, data / "pretrain.jsonl", None, eval_rows=200)
+    sft = _base(scale, "sft", scale.sft_steps, 1e-3, data / "sft.jsonl", root / "pretrain", eval_rows=200)
+    pairs = dict(eval_source=str(data / "pairs_eval.jsonl"), pack=False, buckets=(scale.max_len // 2,))
+    reward = _base(scale, "reward", scale.reward_steps, 1e-3, data / "pairs_train.jsonl", root / "sft", **pairs)
+    reward = dataclasses.replace(reward, preference=PreferenceConfig(center_coef=0.01))
+    return {"pretrain": pretrain, "sft": sft, "reward": reward}
+
+
+def method_runs(root: Path, scale: Scale) -> list[MethodRun]:
+    data, sft = root / "data", root / "sft"
+    pairs = dict(eval_source=str(data / "pairs_eval.jsonl"), pack=False, buckets=(scale.max_len // 2,))
+    runs = []
+    for beta in scale.dpo_betas:
+        cfg = _base(scale, "dpo", scale.dpo_steps, scale.dpo_lr, data / "pairs_train.jsonl", sft, **pairs)
+        runs.append(MethodRun("dpo", f"β={beta:g}", dataclasses.replace(cfg, preference=PreferenceConfig(beta=beta))))
+    kl_settings = [(f"β={c:g}", dict(kl_coef=c)) for c in scale.ppo_kl_coefs]
+    kl_settings += [(f"KL target={t:g}", dict(kl_coef=0.1, kl_target=t)) for t in scale.ppo_kl_targets]
+    for method, reward_spec, rm in (("ppo-rm", ("model:1.0",), root / "reward"), ("ppo-gt", ("vader:1.0",), None)):
+        for hp, kl in kl_settings:
+            cfg = _base(scale, "ppo", scale.ppo_iterations, scale.ppo_lr, data / "prompts_train.jsonl", sft,
+                        eval_rows=0, pack=False, buckets=(24,), max_prompt_len=24)
+            ppo = PPOConfig(reward_model=str(rm) if rm else None, rewards=reward_spec, max_new_tokens=scale.max_new_tokens,
+                            epochs=2, minibatches=2, **kl)
+            train = dataclasses.replace(cfg.train, eval_every=0)
+            runs.append(MethodRun(method, hp, dataclasses.replace(cfg, ppo=ppo, train=train)))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+def finished(workdir: Path, steps: int) -> bool:
+    try:
+        return ckpt_lib.resolve_checkpoint(workdir)[1] >= steps
+    except ckpt_lib.CheckpointError:
+        return False
+
+
+class Timings:
+    """Seconds spent per phase, accumulated over re-runs in `timings.json`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    def run(self, name: str, fn, *args) -> None:
+        t0 = time.perf_counter()
+        print(f"[sentiment] {name} …", flush=True)
+        fn(*args)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        self.path.write_text(json.dumps(self.seconds, indent=2))
+
+
+def train_phase(config: Config, workdir: Path) -> None:
+    if not finished(workdir, config.train.steps):
+        from pjlm import train
+
+        train.run(config, workdir)
+
+
+def run_pipeline(root: Path, scale_name: str = "cpu", corpus: str = "synthetic", text_field: str = "text") -> dict:
+    """Every phase (skipping finished ones), the evaluations, and the written results."""
+    from experiments import sentiment_eval, sentiment_report
+
+    scale = SCALES[scale_name]
+    root = Path(root).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "scale.json").write_text(json.dumps({**dataclasses.asdict(scale), "corpus": corpus}, indent=2))
+    timings = Timings(root / "timings.json")
+    vader = rewards.VaderReward()
+    timings.run("data", prepare_data, root, scale, corpus, text_field)
+    configs = phase_configs(root, scale)
+    timings.run("pretrain", train_phase, configs["pretrain"], root / "pretrain")
+    timings.run("sft", train_phase, configs["sft"], root / "sft")
+    timings.run("pairs", make_pairs, root, scale, vader)
+    timings.run("reward", train_phase, configs["reward"], root / "reward")
+    runs = method_runs(root, scale)
+    for run in runs:
+        timings.run(run.name, train_phase, run.config, root / run.name)
+    evals = sentiment_eval.Evaluator(root, scale, vader)
+    timings.run("evaluate", evals.run_all, runs)
+    command = f"python -m experiments.sentiment --workdir {root} --scale {scale_name}" + (
+        f" --corpus {corpus}" if corpus != "synthetic" else "")
+    return sentiment_report.write(root, scale, evals.points, timings.seconds, command)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, type=Path, help="where every phase and the results go")
+    parser.add_argument("--scale", default="cpu", choices=sorted(SCALES),
+                        help="cpu (default, ≤ 20 min on 2 cores), ci (the test suite's), sweep (every β and KL "
+                             "setting at the small model), gpu (a 25M-parameter model, more data, the sweep)")
+    parser.add_argument("--corpus", default="synthetic",
+                        help="'synthetic' (the built-in reviews), a local json/jsonl/parquet file, or a Hub dataset "
+                             "such as stanfordnlp/imdb (needs the network)")
+    parser.add_argument("--text-field", default="text", help="the corpus column holding the review text")
+    args = parser.parse_args(argv)
+    results = run_pipeline(args.workdir, args.scale, args.corpus, args.text_field)
+    print(json.dumps(results["summary"], indent=2, ensure_ascii=False))
+    print(f"[sentiment] report: {args.workdir / 'report.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The controlled-sentiment pipeline's outputs: results.json, frontier.png, curves.png, a
+Bradley–Terry leaderboard and report.md, all from `evals.json` and the runs' `metrics.jsonl`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from pjlm import bt
+from pjlm.metrics import METRICS_FILE, read_metrics
+
+METHOD_LABELS = {"sft": "SFT", "dpo": "DPO", "ppo-rm": "PPO (learned reward)", "ppo-gt": "PPO (VADER reward)",
+                 "bon-rm": "best-of-N (learned reward)", "bon-oracle": "best-of-N (VADER, oracle)"}
+METHOD_ORDER = list(METHOD_LABELS)
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "sentencepiece", "vaderSentiment")
+
+
+def _series(points: dict) -> dict[tuple[str, str], list[dict]]:
+    """(method, hp) → its points in order: a trained run's checkpoints by step; best-of-N is one
+    series over N (hp "N")."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for p in points.values():
+        bon = p["method"].startswith("bon")
+        out.setdefault((p["method"], "N" if bon else p["hp"]), []).append(p)
+    order = lambda p: int(p["hp"][2:]) if p["method"].startswith("bon") else p["step"]
+    return {k: sorted(v, key=order) for k, v in sorted(out.items(), key=lambda kv: (METHOD_ORDER.index(kv[0][0]),
+                                                                                       kv[0][1]))}
+
+
+def _final(series: dict) -> dict[str, dict]:
+    """Each series' last point: a trained run's final checkpoint, best-of-N at its largest N."""
+    return {METHOD_LABELS[method] + ("" if method == "sft" else f", {pts[-1]['hp']}"): pts[-1]
+            for (method, _), pts in series.items()}
+
+
+def leaderboard(finals: dict[str, dict]) -> list[dict]:
+    """Bradley–Terry scores of the final policies: on every held-out prompt, each pair of policies
+    is a game won by the sample VADER scores higher (equal scores: half a win each)."""
+    names = list(finals)
+    wins = bt.wins_from_scores(np.array([finals[n]["scores"] for n in names]))
+    scores, se = bt.fit(wins, ridge=1e-6)
+    rows = [{"policy": n, "bt_score": float(s), "bt_se": float(e), "win_rate": float(wins[i].sum() / (
+        wins[i].sum() + wins[:, i].sum()))} for i, (n, s, e) in enumerate(zip(names, scores, se))]
+    return sorted(rows, key=lambda r: -r["bt_score"])
+
+
+def plot_frontier(series: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (method, hp), pts in series.items():
+        kl = [p["kl"] for p in pts]
+        reward = [p["reward"] for p in pts]
+        label = METHOD_LABELS[method] + ("" if method == "sft" or method.startswith("bon") else f" ({hp})")
+        style = dict(marker="s", linestyle="--") if method.startswith("bon") else dict(marker="o")
+        if method == "sft":
+            style = dict(marker="*", markersize=14, linestyle="none", color="black")
+        ax.errorbar(kl, reward, yerr=[2 * p["reward_se"] for p in pts], xerr=[2 * p["kl_se"] for p in pts],
+                    label=label, capsize=2, **style)
+    ax.set_xlabel("sequence KL(π ‖ π_SFT), nats")
+    ax.set_ylabel("held-out VADER reward")
+    ax.set_title("Reward–KL frontier (points along each run; bars ±2 s.e.)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_metric(ax, records: list[dict], key: str, label: str) -> None:
+    pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+    if pts:
+        ax.plot(*zip(*pts), label=label, marker="." if len(pts) < 30 else None)
+
+
+def plot_curves(root: Path, run_names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = {n: read_metrics(root / n) for n in ["pretrain", "sft", "reward", *run_names]
+               if (root / n / METRICS_FILE).exists()}
+    panels = [("language-model loss", [(n, k) for n in ("pretrain", "sft") for k in ("loss", "eval_loss")]),
+              ("reward model", [("reward", k) for k in ("accuracy", "eval_accuracy")]),
+              ("DPO", [(n, k) for n in run_names if n.startswith("dpo") for k in ("loss", "eval_loss")]),
+              ("PPO reward (its own)", [(n, "reward") for n in run_names if n.startswith("ppo")]),
+              ("PPO sequence KL to SFT", [(n, "kl") for n in run_names if n.startswith("ppo")]),
+              ("PPO response length", [(n, "response_length") for n in run_names if n.startswith("ppo")])]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    for ax, (title, lines) in zip(axes.flat, panels):
+        for name, key in lines:
+            _plot_metric(ax, metrics.get(name, []), key, f"{name} {key}")
+        ax.set_title(title)
+        ax.set_xlabel("step (PPO: iteration)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def environment() -> dict:
+    import jax
+
+    device = jax.devices()[0]
+    return {"hardware": f"{device.device_kind} ×{jax.device_count()} ({platform.processor() or platform.machine()}, "
+                        f"{os.cpu_count()} CPU cores)",
+            "python": platform.python_version(),
+            "versions": {p: _version(p) for p in PACKAGES}}
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _reward_model_accuracy(root: Path) -> float | None:
+    evals = [r["eval_accuracy"] for r in read_metrics(root / "reward") if "eval_accuracy" in r]
+    return evals[-1] if evals else None
+
+
+def write(root: Path, scale, points: dict, seconds: dict, command: str) -> dict:
+    """Write every output; returns the results dict (also results.json)."""
+    from experiments import sentiment_markdown
+    from pjlm.train.loop import git_revision
+
+    series = _series(points)
+    finals = _final(series)
+    board = leaderboard(finals)
+    plot_frontier(series, root / "frontier.png")
+    run_names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(("dpo-", "ppo-")))
+    plot_curves(root, run_names, root / "curves.png")
+    pairs = {split: sum(1 for _ in open(root / "data" / f"pairs_{split}.jsonl")) for split in ("train", "eval")}
+    results = {
+        "command": command, **environment(), "git_revision": git_revision(),
+        "wall_time_s": round(sum(seconds.values()), 1), "phase_seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "scale": dataclasses.asdict(scale), "pairs": pairs, "reward_model_eval_accuracy": _reward_model_accuracy(root),
+        "points": [{k: p[k] for k in ("method", "hp", "step", "reward", "reward_se", "kl", "kl_se", "n")}
+                   for pts in series.values() for p in pts],
+        "summary": {label: {k: p[k] for k in ("method", "hp", "step", "reward", "reward_se", "kl", "kl_se")}
+                    for label, p in finals.items()},
+        "leaderboard": board,
+    }
+    (root / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    (root / "leaderboard.md").write_text(sentiment_markdown.leaderboard_table(board))
+    (root / "report.md").write_text(sentiment_markdown.report(results, finals))
+    return results
