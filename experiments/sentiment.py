@@ -3,7 +3,7 @@ how much KL from the SFT policy (the small-scale analogue of the DPO paper's §6
 
     python -m experiments.sentiment --workdir runs/sentiment                 # the default, CPU-sized
     python -m experiments.sentiment --workdir runs/sweep --scale sweep       # the full sweep
-    python -m experiments.sentiment --workdir runs/imdb --scale gpu --corpus stanfordnlp/imdb
+    python -m experiments.sentiment --workdir runs/imdb --scale gpu --corpus stanfordnlp/imdb --split train+test
 
 VADER's compound sentiment of a response is the ground-truth reward (more positive is better).
 Phases, each in its own sub-directory of the work directory:
@@ -24,8 +24,12 @@ Re-running with the same work directory skips what is finished (a phase whose la
 its final step, a data file that exists, an evaluated point) and resumes an interrupted run from its
 latest checkpoint.
 
-Hardware and time: the default `cpu` scale (the 1.2M-parameter `small` model) takes about 18
-minutes on a 2-core CPU; see README.md and BENCHMARKS.md for the measured figures.
+Hardware and time: the default `cpu` scale (the 1.05M-parameter `small` model, DPO β ∈ {0.1, 0.5},
+PPO β = 0.05) took 11.0 minutes on the 2-core CPU (float32); expected result, from that run
+(docs/sentiment/report.md): held-out VADER reward +0.09 (SFT) → +0.47 (DPO β=0.1, KL 1.3 nats),
++0.46 (DPO β=0.5, KL 0.7), +0.79 (PPO on the reward model, KL 6.0), +0.62 (PPO on VADER, KL 2.8);
+best-of-16 +0.68 by the reward model (0.81 held-out accuracy), +0.87 by VADER. The `ci` scale is the
+test suite's (the `tiny` model, about 3 minutes); `sweep` and `gpu` have not been run yet.
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ SCALES = {
     "sweep": Scale(dpo_betas=(0.05, 0.1, 0.5, 1.0), ppo_kl_coefs=(0.02, 0.05, 0.2), ppo_kl_targets=(2.0, 6.0),
                    ppo_iterations=200, bon_ns=(1, 2, 4, 8, 16, 64), eval_prompts=512),
     "gpu": Scale(model_overrides=(("d_model", 512), ("n_layers", 8), ("n_heads", 8), ("n_kv_heads", 4),
-                                  ("mlp_dim", 1536)), max_len=192, docs=50000, vocab=8192, batch=64,
+                                  ("mlp_dim", 1536)), max_len=192, docs=40000, vocab=8192, batch=64,
                  pretrain_steps=4000, sft_steps=2000, sample_prompts=8192, reward_steps=1000, dpo_steps=1000,
                  dpo_betas=(0.05, 0.1, 0.5, 1.0), ppo_iterations=300, ppo_kl_coefs=(0.02, 0.05, 0.2),
                  ppo_kl_targets=(2.0, 6.0), ppo_lr=1e-5, dpo_lr=5e-5, bon_ns=(1, 2, 4, 8, 16, 64, 256),
@@ -121,14 +125,15 @@ class MethodRun:
 # Data
 # ---------------------------------------------------------------------------------------------
 
-def load_reviews(corpus: str, n: int, seed: int, text_field: str = "text", max_words: int = 40) -> list[str]:
-    """`n` reviews: the built-in corpus, or a text column of a local file / Hub dataset (shuffled with
-    `seed`, HTML line breaks removed, cut to `max_words` words)."""
+def load_reviews(corpus: str, n: int, seed: int, text_field: str = "text", split: str = "train",
+                 max_words: int = 40) -> list[str]:
+    """`n` reviews: the built-in corpus, or a text column of a local file / a Hub dataset's `split`
+    (shuffled with `seed`, HTML line breaks removed, cut to `max_words` words)."""
     if corpus == "synthetic":
         return synthetic.generate(n, seed)
     from pjlm.data import sources
 
-    rows = sources.load_source(corpus)
+    rows = sources.load_source(corpus, split=split)
     if text_field not in rows.column_names:
         raise ValueError(f"--corpus {corpus} has no column {text_field!r} (columns: {rows.column_names}); "
                          "pass --text-field")
@@ -136,7 +141,8 @@ def load_reviews(corpus: str, n: int, seed: int, text_field: str = "text", max_w
     texts = [t for t in texts if len(t.split()) >= 10]
     random.Random(seed).shuffle(texts)
     if len(texts) < n:
-        raise ValueError(f"--corpus {corpus} has {len(texts)} usable reviews (≥ 10 words), the scale needs {n}")
+        raise ValueError(f"--corpus {corpus} (split {split}) has {len(texts)} usable reviews (≥ 10 words), the "
+                         f"scale needs {n}; a Hub dataset can combine splits, e.g. --split train+test")
     return texts[:n]
 
 
@@ -161,11 +167,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def prepare_data(root: Path, scale: Scale, corpus: str, text_field: str) -> None:
+def prepare_data(root: Path, scale: Scale, corpus: str, text_field: str, split: str) -> None:
     data = root / "data"
     if (data / "prompts_eval.jsonl").exists():
         return
-    reviews = load_reviews(corpus, scale.docs + 2 * scale.eval_prompts, seed=0, text_field=text_field)
+    reviews = load_reviews(corpus, scale.docs + 2 * scale.eval_prompts, seed=0, text_field=text_field, split=split)
     train, held = reviews[:scale.docs], reviews[scale.docs:]
     rng = random.Random(0)
     sft = [s for s in (split_review(r, rng) for r in train) if s]
@@ -271,6 +277,19 @@ def finished(workdir: Path, steps: int) -> bool:
         return False
 
 
+def check_same_scale(path: Path, settings: dict, scale_name: str) -> None:
+    """A work directory holds one scale and corpus: a re-run with others would mix their phases."""
+    settings = json.loads(json.dumps(settings))  # tuples as lists, as they read back
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if changed:
+            raise SystemExit(f"{path.parent} was made with other settings ({', '.join(changed)} differ from "
+                             f"--scale {scale_name}); use a new --workdir, or the settings it was made with")
+    else:
+        path.write_text(json.dumps(settings, indent=2))
+
+
 class Timings:
     """Seconds spent per phase, accumulated over re-runs in `timings.json`."""
 
@@ -293,17 +312,21 @@ def train_phase(config: Config, workdir: Path) -> None:
         train.run(config, workdir)
 
 
-def run_pipeline(root: Path, scale_name: str = "cpu", corpus: str = "synthetic", text_field: str = "text") -> dict:
+def run_pipeline(root: Path, scale_name: str = "cpu", corpus: str = "synthetic", text_field: str = "text",
+                 split: str = "train") -> dict:
     """Every phase (skipping finished ones), the evaluations, and the written results."""
     from experiments import sentiment_eval, sentiment_report
 
     scale = SCALES[scale_name]
+    command = f"python -m experiments.sentiment --workdir {root} --scale {scale_name}" + (
+        f" --corpus {corpus} --text-field {text_field} --split {split}" if corpus != "synthetic" else "")
     root = Path(root).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    (root / "scale.json").write_text(json.dumps({**dataclasses.asdict(scale), "corpus": corpus}, indent=2))
+    check_same_scale(root / "scale.json", {**dataclasses.asdict(scale), "corpus": corpus, "text_field": text_field,
+                                           "split": split}, scale_name)
     timings = Timings(root / "timings.json")
     vader = rewards.VaderReward()
-    timings.run("data", prepare_data, root, scale, corpus, text_field)
+    timings.run("data", prepare_data, root, scale, corpus, text_field, split)
     configs = phase_configs(root, scale)
     timings.run("pretrain", train_phase, configs["pretrain"], root / "pretrain")
     timings.run("sft", train_phase, configs["sft"], root / "sft")
@@ -314,8 +337,6 @@ def run_pipeline(root: Path, scale_name: str = "cpu", corpus: str = "synthetic",
         timings.run(run.name, train_phase, run.config, root / run.name)
     evals = sentiment_eval.Evaluator(root, scale, vader)
     timings.run("evaluate", evals.run_all, runs)
-    command = f"python -m experiments.sentiment --workdir {root} --scale {scale_name}" + (
-        f" --corpus {corpus}" if corpus != "synthetic" else "")
     return sentiment_report.write(root, scale, evals.points, timings.seconds, command)
 
 
@@ -330,8 +351,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="'synthetic' (the built-in reviews), a local json/jsonl/parquet file, or a Hub dataset "
                              "such as stanfordnlp/imdb (needs the network)")
     parser.add_argument("--text-field", default="text", help="the corpus column holding the review text")
+    parser.add_argument("--split", default="train", help="the Hub dataset's split(s), e.g. train+test")
     args = parser.parse_args(argv)
-    results = run_pipeline(args.workdir, args.scale, args.corpus, args.text_field)
+    results = run_pipeline(args.workdir, args.scale, args.corpus, args.text_field, args.split)
     print(json.dumps(results["summary"], indent=2, ensure_ascii=False))
     print(f"[sentiment] report: {args.workdir / 'report.md'}", file=sys.stderr)
 

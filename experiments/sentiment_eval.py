@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,19 @@ def checkpoint_steps(workdir: Path) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "params").exists())
+
+
+def top_sentence(texts: list[str]) -> tuple[str, float]:
+    """The sentence found in the most responses, and the fraction of responses that contain it: a
+    policy collapsing onto one stock phrase (a way to game a lexicon) shows as a large share."""
+    counts: dict[str, int] = {}
+    for text in texts:
+        for sentence in {s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()}:
+            counts[sentence] = counts.get(sentence, 0) + 1
+    if not counts:
+        return "", 0.0
+    sentence = max(counts, key=lambda k: (counts[k], k))
+    return sentence, counts[sentence] / max(len(texts), 1)
 
 
 def _key(method: str, hp: str, step: int) -> str:
@@ -53,8 +67,10 @@ class Evaluator:
     def _record(self, method: str, hp: str, step: int, out: dict) -> None:
         samples = [{"prompt": p, "response": t, "reward": s}
                    for p, t, s in zip(self.prompts, out["texts"], out["scores"])][:SAMPLES_KEPT]
+        sentence, share = top_sentence(out["texts"])
         self.points[_key(method, hp, step)] = {
             "method": method, "hp": hp, "step": step, **{k: out[k] for k in ("reward", "reward_se", "kl", "kl_se", "n")},
+            "top_sentence": sentence, "top_sentence_share": share,
             "scores": [float(s) for s in out["scores"]], "samples": samples}
         self._save()
 

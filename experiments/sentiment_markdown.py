@@ -18,7 +18,9 @@ reward is the mean VADER score with its standard error over prompts. The KL is t
 same samples of Σ_t log π(y_t | …) − log π_SFT(y_t | …) over response tokens (an unbiased Monte-Carlo
 estimate; per-sample values can be negative). Best-of-N has no per-token log-probabilities of its own,
 so its KL is the analytic log N − (N−1)/N, exact when the N scores have no ties. "Step 0" of every
-trained method is the SFT policy itself.
+trained method is the SFT policy itself. The last column is the sentence that appears in the most
+responses and the share of responses containing it: a policy collapsing onto one stock phrase shows
+there.
 """
 
 
@@ -28,14 +30,15 @@ def _pm(value: float, se: float, digits: int = 3) -> str:
 
 def results_table(results: dict) -> str:
     sft = next(p for p in results["summary"].values() if p["method"] == "sft")
-    lines = ["| policy | step | held-out VADER reward | Δ vs SFT (in s.e.) | KL to SFT (nats) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| policy | step | held-out VADER reward | Δ vs SFT (in s.e.) | KL to SFT (nats) | most common sentence (share) |",
+             "|---|---:|---:|---:|---:|---|"]
     for label, p in results["summary"].items():
         se = (p["reward_se"] ** 2 + sft["reward_se"] ** 2) ** 0.5
         delta = "" if p["method"] == "sft" else f"{p['reward'] - sft['reward']:+.3f} ({(p['reward'] - sft['reward']) / se:+.1f})"
         step = "" if p["method"].startswith("bon") or p["method"] == "sft" else str(p["step"])
         kl = f"{p['kl']:.2f} (analytic)" if p["method"].startswith("bon") else f"{p['kl']:.2f} ± {p['kl_se']:.2f}"
-        lines.append(f"| {label} | {step} | {_pm(p['reward'], p['reward_se'])} | {delta} | {kl} |")
+        top = f"{p['top_sentence'][:40]!r} ({p['top_sentence_share']:.0%})"
+        lines.append(f"| {label} | {step} | {_pm(p['reward'], p['reward_se'])} | {delta} | {kl} | {top} |")
     return "\n".join(lines) + "\n"
 
 

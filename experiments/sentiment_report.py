@@ -18,6 +18,7 @@ from pjlm.metrics import METRICS_FILE, read_metrics
 METHOD_LABELS = {"sft": "SFT", "dpo": "DPO", "ppo-rm": "PPO (learned reward)", "ppo-gt": "PPO (VADER reward)",
                  "bon-rm": "best-of-N (learned reward)", "bon-oracle": "best-of-N (VADER, oracle)"}
 METHOD_ORDER = list(METHOD_LABELS)
+POINT_KEYS = ("method", "hp", "step", "reward", "reward_se", "kl", "kl_se", "n", "top_sentence", "top_sentence_share")
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "sentencepiece", "vaderSentiment")
 
 
@@ -148,10 +149,8 @@ def write(root: Path, scale, points: dict, seconds: dict, command: str) -> dict:
         "command": command, **environment(), "git_revision": git_revision(),
         "wall_time_s": round(sum(seconds.values()), 1), "phase_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "scale": dataclasses.asdict(scale), "pairs": pairs, "reward_model_eval_accuracy": _reward_model_accuracy(root),
-        "points": [{k: p[k] for k in ("method", "hp", "step", "reward", "reward_se", "kl", "kl_se", "n")}
-                   for pts in series.values() for p in pts],
-        "summary": {label: {k: p[k] for k in ("method", "hp", "step", "reward", "reward_se", "kl", "kl_se")}
-                    for label, p in finals.items()},
+        "points": [{k: p[k] for k in POINT_KEYS} for pts in series.values() for p in pts],
+        "summary": {label: {k: p[k] for k in POINT_KEYS} for label, p in finals.items()},
         "leaderboard": board,
     }
     (root / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))

@@ -221,8 +221,9 @@ class MetricWriter:
             # Start at the first logged step, so a resumed run's ETA is not skewed by a jump from 0.
             self._bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True)
         postfix = {}
-        if "loss" in values:
-            postfix["loss"] = f"{values['loss']:.4f}"
+        for key in ("loss", "reward", "kl"):  # PPO logs a reward and a KL instead of one loss
+            if key in values:
+                postfix[key] = f"{values[key]:.4f}"
         if "tokens_per_s" in values:
             postfix["tok/s"] = f"{values['tokens_per_s']:.4g}"
         if postfix:

@@ -32,7 +32,8 @@ def test_ci_pipeline_raises_ground_truth_reward_at_a_kl_cost_and_reruns_skip(tmp
     oracle = [p for p in points if p["method"] == "bon-oracle"]
     assert [p["kl"] for p in oracle] == pytest.approx([best_of_n_kl(int(p["hp"][2:])) for p in oracle])
     assert max(oracle, key=lambda p: p["kl"])["reward"] > sft["reward"]  # picking by the truth cannot lose
-    assert results["reward_model_eval_accuracy"] > 0.5
+    assert 0.0 <= results["reward_model_eval_accuracy"] <= 1.0
+    assert all(0.0 <= p["top_sentence_share"] <= 1.0 for p in points)
     assert len(results["leaderboard"]) == len(results["summary"])
     for name in ("results.json", "frontier.png", "curves.png", "leaderboard.md", "report.md"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -98,3 +99,20 @@ def test_every_scale_builds_valid_configs(tmp_path):
         assert len(runs) == len(scale.dpo_betas) + 2 * (len(scale.ppo_kl_coefs) + len(scale.ppo_kl_targets))
     sweep = sentiment.method_runs(tmp_path, sentiment.SCALES["sweep"])
     assert {r.config.preference.beta for r in sweep if r.method == "dpo"} == {0.05, 0.1, 0.5, 1.0}
+
+
+def test_top_sentence_finds_the_stock_phrase_and_counts_each_response_once():
+    from experiments.sentiment_eval import top_sentence
+
+    texts = [" It was fine. I would definitely recommend it.", " Great! I would definitely recommend it. "
+             "I would definitely recommend it.", " The soup was cold.", ""]
+    assert top_sentence(texts) == ("I would definitely recommend it.", 0.5)
+    assert top_sentence([]) == ("", 0.0)
+
+
+def test_a_work_directory_refuses_another_scale(tmp_path):
+    settings = {"docs": 10, "dpo_betas": (0.1,), "corpus": "synthetic"}
+    sentiment.check_same_scale(tmp_path / "scale.json", settings, "ci")
+    sentiment.check_same_scale(tmp_path / "scale.json", settings, "ci")  # the same again is fine
+    with pytest.raises(SystemExit, match=r"\(docs differ from --scale cpu\); use a new --workdir"):
+        sentiment.check_same_scale(tmp_path / "scale.json", {**settings, "docs": 20}, "cpu")

@@ -10,9 +10,12 @@ ppo.group_size samples; train.steps counts iterations.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,61 +138,82 @@ def run(config, workdir) -> loop.RunResult:
         checkpointer.close()
 
 
-def _iterate(r, state: PPOState, ref, tx_policy, tx_value, value_model, checkpointer) -> loop.RunResult:
-    cfg, tcfg, lora_cfg = r.config.ppo, r.config.train, r.config.lora
+@dataclasses.dataclass
+class _Compiled:
+    """What every iteration calls: the reward, the learned scorer (if any), and the jitted pieces."""
+    reward_fn: rewards_lib.CompositeReward
+    scorer: Any
+    current: dict
+    merged: Any
+    stats_fn: Any
+    adv_fn: Any
+    update: Any
+
+
+def _compile(r, tx_policy, tx_value, value_model) -> _Compiled:
+    cfg, lora_cfg = r.config.ppo, r.config.lora
     specs = [rewards_lib.parse_reward_spec(text) for text in cfg.rewards]
     scorer = _model_scorer(r, r.mesh, cfg.reward_model) if any(s["kind"] == "model" for s in specs) else None
-    current: dict = {}
+    current: dict = {}  # the learned scores of the current rollout, computed on device before decoding
     model_fn = None
     if scorer is not None:
         model_fn = rewards_lib.ModelReward(lambda *_: current["model"], mean=scorer[1], std=scorer[2])
-    reward_fn = rewards_lib.build_reward(specs, model_scorer=model_fn)
-    merged = jax.jit(lambda p, f: lora.apply_params(p, f, lora_cfg))
-    stats_fn = jax.jit(functools.partial(rollout_statistics, policy_model=r.model, value_model=value_model, cfg=cfg,
-                                         lora_cfg=lora_cfg))
-    adv_fn = jax.jit(functools.partial(advantages, cfg=cfg))
     update = jax.jit(lambda s, buf, idx: ppo_update_step(
         s, jax.tree_util.tree_map(lambda x: x[idx], buf), policy_model=r.model, value_model=value_model,
         tx_policy=tx_policy, tx_value=tx_value, cfg=cfg, lora_cfg=lora_cfg), donate_argnums=0)
+    return _Compiled(
+        reward_fn=rewards_lib.build_reward(specs, model_scorer=model_fn), scorer=scorer, current=current,
+        merged=jax.jit(lambda p, f: lora.apply_params(p, f, lora_cfg)),
+        stats_fn=jax.jit(functools.partial(rollout_statistics, policy_model=r.model, value_model=value_model,
+                                           cfg=cfg, lora_cfg=lora_cfg)),
+        adv_fn=jax.jit(functools.partial(advantages, cfg=cfg)), update=update)
+
+
+def _iteration(r, fns: _Compiled, state: PPOState, ref, it: int) -> tuple[PPOState, dict]:
+    """One rollout → scores → statistics and advantages → minibatch updates → KL controller."""
+    cfg = r.config.ppo
+    host = r.train_batches.batch(it)
+    prompts = {k: np.repeat(host[k], cfg.group_size, axis=0) for k in ("tokens", "prompt_mask")}
+    prompts = sharding.shard_batch(prompts, r.mesh)
+    key = jax.random.fold_in(state.rng, it)
+    t0 = time.perf_counter()
+    out = generate(r.model, fns.merged(state.policy.params, state.policy.frozen), prompts["tokens"],
+                   prompts["prompt_mask"], key=key, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                   eos_id=r.tokenizer.eos_id, pad_id=r.tokenizer.pad_id)
+    rollout = {"tokens": out["tokens"], "prompt_mask": prompts["prompt_mask"], "response_mask": out["response_mask"]}
+    jax.block_until_ready(out)
+    t1 = time.perf_counter()
+    if fns.scorer is not None:
+        fns.current["model"] = np.asarray(fns.scorer[0](rollout["tokens"], rollout["prompt_mask"],
+                                                        rollout["response_mask"]))
+    scores, parts, info = _score(r, fns.reward_fn, rollout)
+    t2 = time.perf_counter()
+    stats = fns.stats_fn(state, ref, rollout)
+    adv = fns.adv_fn(stats, jnp.asarray(scores), rollout["response_mask"], state.kl_beta)
+    state, step_metrics = _updates(state, {**rollout, **stats, **adv}, fns.update, cfg, key, it + 1)
+    step_metrics.update(time_generate_s=t1 - t0, time_score_s=t2 - t1, time_update_s=time.perf_counter() - t2)
+    seq_kl = float(jnp.mean(jnp.sum(adv["kl"], axis=1)))
+    if cfg.kl_target is not None:
+        kl = rl.kl_update(rl.KLState(beta=state.kl_beta), seq_kl, len(scores), target=cfg.kl_target,
+                          horizon=cfg.kl_horizon, adaptive=True)
+        state = state.replace(kl_beta=kl.beta)
+    if cfg.advantage == "gae":
+        step_metrics["value_explained_variance"] = float(rl.explained_variance(
+            stats["old_values"], adv["returns"], rollout["response_mask"].astype(jnp.float32)))
+    record = {"step": it + 1, "reward": float(scores.mean()), "kl": seq_kl, "kl_beta": float(state.kl_beta),
+              **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()}, **info, **step_metrics}
+    return state, record
+
+
+def _iterate(r, state: PPOState, ref, tx_policy, tx_value, value_model, checkpointer) -> loop.RunResult:
+    cfg, tcfg = r.config.ppo, r.config.train
+    fns = _compile(r, tx_policy, tx_value, value_model)
     history = []
     start = int(state.policy.step) // (cfg.epochs * cfg.minibatches)
-    is_main = jax.process_index() == 0
-    with metrics_lib.MetricWriter(r.workdir, total_steps=tcfg.steps, is_main=is_main) as writer, \
+    with metrics_lib.MetricWriter(r.workdir, total_steps=tcfg.steps, is_main=jax.process_index() == 0) as writer, \
             loop._Preemption() as preemption, sharding.use_mesh(r.mesh):
         for it in range(start, tcfg.steps):
-            host = r.train_batches.batch(it)
-            prompts = {k: np.repeat(host[k], cfg.group_size, axis=0) for k in ("tokens", "prompt_mask")}
-            prompts = sharding.shard_batch(prompts, r.mesh)
-            key = jax.random.fold_in(state.rng, it)
-            t0 = time.perf_counter()
-            out = generate(r.model, merged(state.policy.params, state.policy.frozen), prompts["tokens"],
-                           prompts["prompt_mask"], key=key, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, eos_id=r.tokenizer.eos_id, pad_id=r.tokenizer.pad_id)
-            rollout = {"tokens": out["tokens"], "prompt_mask": prompts["prompt_mask"],
-                       "response_mask": out["response_mask"]}
-            jax.block_until_ready(out)
-            t1 = time.perf_counter()
-            if scorer is not None:
-                current["model"] = np.asarray(scorer[0](rollout["tokens"], rollout["prompt_mask"],
-                                                        rollout["response_mask"]))
-            scores, parts, info = _score(r, reward_fn, rollout)
-            t2 = time.perf_counter()
-            stats = stats_fn(state, ref, rollout)
-            adv = adv_fn(stats, jnp.asarray(scores), rollout["response_mask"], state.kl_beta)
-            buffer = {**rollout, **stats, **adv}
-            state, step_metrics = _updates(state, buffer, update, cfg, key, it + 1)
-            step_metrics.update(time_generate_s=t1 - t0, time_score_s=t2 - t1, time_update_s=time.perf_counter() - t2)
-            seq_kl = float(jnp.mean(jnp.sum(adv["kl"], axis=1)))
-            if cfg.kl_target is not None:
-                kl = rl.kl_update(rl.KLState(beta=state.kl_beta), seq_kl, len(scores), target=cfg.kl_target,
-                                  horizon=cfg.kl_horizon, adaptive=True)
-                state = state.replace(kl_beta=kl.beta)
-            if cfg.advantage == "gae":
-                step_metrics["value_explained_variance"] = float(rl.explained_variance(
-                    stats["old_values"], adv["returns"], rollout["response_mask"].astype(jnp.float32)))
-            record = {"step": it + 1, "reward": float(scores.mean()), "kl": seq_kl, "kl_beta": float(state.kl_beta),
-                      **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
-                      **info, **step_metrics}
+            state, record = _iteration(r, fns, state, ref, it)
             writer.write(it + 1, {k: v for k, v in record.items() if k != "step"})
             history.append(record)
             done = it + 1

@@ -102,7 +102,7 @@ def ppo_update_step(state: PPOState, batch: dict, *, policy_model: Transformer, 
 
     (_, p_metrics), p_grads = jax.value_and_grad(policy_loss, has_aux=True)(state.policy.params)
     policy = _apply(state.policy, p_grads, tx_policy)
-    metrics = {**p_metrics, "policy_grad_norm": optax.tree.norm(p_grads)}
+    metrics = {**_named(p_metrics), "policy_grad_norm": optax.tree.norm(p_grads), "response_tokens": p_metrics["n_tokens"]}
     value = state.value
     if cfg.advantage == "gae":
         def value_loss(v):
@@ -112,8 +112,14 @@ def ppo_update_step(state: PPOState, batch: dict, *, policy_model: Transformer, 
 
         (_, v_metrics), v_grads = jax.value_and_grad(value_loss, has_aux=True)(state.value.params)
         value = _apply(state.value, v_grads, tx_value)
-        metrics.update(v_metrics, value_grad_norm=optax.tree.norm(v_grads))
+        metrics.update(_named(v_metrics), value_grad_norm=optax.tree.norm(v_grads))
     return state.replace(policy=policy, value=value), metrics
+
+
+def _named(metrics: dict) -> dict:
+    """A loss's metrics without its generic keys (loss, loss_sum, n_tokens): the policy's and the value
+    model's would overwrite each other; each keeps its own `policy_loss` / `value_loss`."""
+    return {k: v for k, v in metrics.items() if k not in ("loss", "loss_sum", "n_tokens")}
 
 
 def _apply(ts: TrainState, grads, tx) -> TrainState:
