@@ -321,7 +321,8 @@ class PPOConfig:
     """Work directory of a reward-model run: the 'model' reward component, and the value model's start."""
     rewards: tuple[str, ...] = ("model:1.0",)
     """Reward components as kind:weight[:key=value...]: model, vader, length:w:target=40:scale=0.05,
-    regex:w:pattern=..., eos_penalty:w:penalty=1."""
+    regex:w:pattern=..., eos_penalty:w:penalty=1. With --set, comma-separated, or a JSON list when a
+    pattern holds a comma."""
     group_size: int = 1
     """Samples per prompt (RLOO/GRPO need ≥ 2); a rollout is data.batch_size prompts × group_size.
     Prompts longer than data.max_prompt_len are cut from the left (and counted)."""

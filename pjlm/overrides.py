@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from typing import Literal, Sequence
 
@@ -45,7 +46,7 @@ def _coerce(t, value, key: str):
             raise ConfigError(f"{key}={value!r}; choose one of {', '.join(map(repr, args))}")
         return value
     if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
+        items = _list_items(value, key) if isinstance(value, str) else list(value)
         return tuple(_coerce(args[0], v, key) for v in items if v != "")
     if t is bool:
         if isinstance(value, str):
@@ -59,6 +60,20 @@ def _coerce(t, value, key: str):
         except ValueError:
             raise ConfigError(f"{key}={value!r} is not a valid {t.__name__}") from None
     return value
+
+
+def _list_items(text: str, key: str) -> list:
+    """A tuple field's `--set` value: comma-separated (a,b,c), or a JSON list when an item itself
+    holds a comma (["regex:1.0:pattern=a,b", "vader:1.0"])."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{key}={text!r} starts like a JSON list but is not one ({e})") from None
+        if not isinstance(items, list):
+            raise ConfigError(f"{key}={text!r} must be a JSON list or comma-separated values")
+        return items
+    return text.split(",")
 
 
 def apply_overrides(config, overrides: Sequence[str]):

@@ -12,7 +12,7 @@ import numpy as np
 from pjlm import checkpoint as ckpt_lib
 from pjlm import sharding
 from pjlm.config import Config, MeshConfig, from_dict
-from pjlm.data.pipeline import TOKENIZER_FILE
+from pjlm.data.pipeline import saved_tokenizer
 from pjlm.data.tokenizer import Tokenizer, load_tokenizer
 from pjlm.generate import generate
 from pjlm.model import Transformer
@@ -23,7 +23,12 @@ def load_for_sampling(workdir: str | Path) -> tuple[Transformer, Any, Tokenizer]
     directory, step = ckpt_lib.resolve_checkpoint(workdir)
     meta = ckpt_lib.read_meta(directory, step)
     config = from_dict(Config, meta["config"])
-    tokenizer = load_tokenizer(config.data.tokenizer or Path(workdir) / TOKENIZER_FILE)
+    # The run's own copy first (the configured path may be on another machine), else the configured one.
+    copy = saved_tokenizer(Path(workdir))
+    if copy is None and not config.data.tokenizer:
+        raise ckpt_lib.CheckpointError(f"{workdir} holds no tokenizer.model or tokenizer.json and its run "
+                                       "names no data.tokenizer; copy the run's tokenizer into it")
+    tokenizer = load_tokenizer(Path(workdir) if copy else config.data.tokenizer)
     if tokenizer.fingerprint() != meta.get("tokenizer", tokenizer.fingerprint()):
         raise ckpt_lib.CheckpointError(f"the tokenizer found for {workdir} is not the one its checkpoint was "
                                        "trained with; pass the right one in the run's data.tokenizer")

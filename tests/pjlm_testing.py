@@ -37,3 +37,22 @@ def tiny_config(**sections) -> Config:
         train=TrainConfig(steps=20, log_every=5, eval_every=0, checkpoint_every=10),
     )
     return dataclasses.replace(config, **{k: dataclasses.replace(getattr(config, k), **v) for k, v in sections.items()})
+
+
+def hf_tokenizer_dir(directory, texts, vocab_size: int = 400):
+    """A byte-level BPE tokenizer.json trained on `texts` (eos <|endoftext|> = 0, bos <s> = 1) and its
+    tokenizer_config.json, written into `directory`; returns the `tokenizers.Tokenizer`."""
+    import json
+
+    tokenizers = require("tokenizers")
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer)
+    os.makedirs(directory, exist_ok=True)
+    hf.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>", "bos_token": "<s>"}, f)
+    return hf

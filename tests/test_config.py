@@ -54,3 +54,15 @@ def test_gradient_accumulation_is_refused_where_it_is_not_implemented():
     with pytest.raises(ConfigError, match=r"grad_accum > 1 is implemented for pretrain and sft only, not train.phase=dpo"):
         apply_overrides(Config(), ["train.phase=dpo", "optimizer.grad_accum=2"])
     assert apply_overrides(Config(), ["optimizer.grad_accum=2"]).optimizer.grad_accum == 2
+
+
+def test_a_tuple_override_takes_a_json_list_when_an_item_holds_a_comma():
+    from pjlm.config import Config, apply_overrides
+
+    config = apply_overrides(Config(), ['ppo.rewards=["regex:1.0:pattern=^(yes|no), because", "vader:0.5"]'])
+    assert config.ppo.rewards == ("regex:1.0:pattern=^(yes|no), because", "vader:0.5")
+    assert apply_overrides(Config(), ["ppo.rewards=vader:1.0,eos_penalty:1.0"]).ppo.rewards == (
+        "vader:1.0", "eos_penalty:1.0")
+    assert apply_overrides(Config(), ["data.buckets=[64, 128]"]).data.buckets == (64, 128)
+    with pytest.raises(ConfigError, match="not one"):
+        apply_overrides(Config(), ['ppo.rewards=["vader:1.0"'])

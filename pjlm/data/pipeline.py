@@ -14,6 +14,7 @@ from pjlm.data.loader import Batcher
 from pjlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")
 _SCHEMA_OF_PHASE = {"pretrain": "text", "sft": "sft", "reward": "preference", "dpo": "preference",
                     "ppo": "prompts"}
 REVIEW_PROMPT = "Write a review.\n"
@@ -86,25 +87,31 @@ def _texts_for_tokenizer(rows: datasets.Dataset, schema: str, limit: int = 20000
             yield "".join(pieces)
 
 
+def saved_tokenizer(directory: Path) -> Optional[Path]:
+    """The tokenizer a run saved in its work directory, if any."""
+    return next((directory / f for f in TOKENIZER_FILES if (directory / f).exists()), None)
+
+
 def get_tokenizer(cfg: DataConfig, workdir: Path, rows: datasets.Dataset, schema: str,
                   init_from: Optional[str] = None) -> Tokenizer:
-    """The configured tokenizer; else the run's saved one; else `init_from`'s; else train one here
-    (saved in the work directory, so a resumed run and `pjlm sample` use the same)."""
+    """The configured tokenizer; else the run's saved one; else `init_from`'s; else train one here.
+    Whichever it is, a copy is kept in the work directory (tokenizer.model, or tokenizer.json and its
+    special tokens), so a resumed run, `pjlm sample` and later phases find the same one."""
     if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
-    saved = workdir / TOKENIZER_FILE
-    if saved.exists():
-        return load_tokenizer(saved)
-    if init_from and any((Path(init_from) / f).exists() for f in (TOKENIZER_FILE, "tokenizer.json")):
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    elif saved_tokenizer(workdir):
+        return load_tokenizer(workdir)
+    elif init_from and saved_tokenizer(Path(init_from)):
         tokenizer = load_tokenizer(Path(init_from))  # its tokenizer.model, else its tokenizer.json
     else:
         tokenizer = SentencePieceTokenizer.train(_texts_for_tokenizer(rows, schema),
                                                  vocab_size=cfg.tokenizer_vocab_size)
     # Every process trains the same tokenizer (deterministic: same rows, one thread), so none has to
     # wait for another's file; only process 0 writes it.
-    if isinstance(tokenizer, SentencePieceTokenizer) and jax.process_index() == 0:
+    if jax.process_index() == 0 and not (saved_tokenizer(workdir) and
+                                         load_tokenizer(workdir).fingerprint() == tokenizer.fingerprint()):
         workdir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(saved)
+        tokenizer.save_to(workdir)
     return tokenizer
 
 

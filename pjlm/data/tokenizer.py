@@ -54,6 +54,10 @@ class Tokenizer(abc.ABC):
         """The id of a token held as one symbol, or None."""
 
     @abc.abstractmethod
+    def save_to(self, directory: str | os.PathLike) -> None:
+        """Write the tokenizer into `directory` so that `load_tokenizer(directory)` reads it back."""
+
+    @abc.abstractmethod
     def fingerprint(self) -> str:
         """A hash of the tokenizer's definition: a checkpoint records it, a mismatch is an error."""
 
@@ -95,6 +99,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_bytes(self._proto)
+
+    def save_to(self, directory: str | os.PathLike) -> None:
+        self.save(Path(directory) / "tokenizer.model")
 
     @classmethod
     def train(cls, texts: Iterable[str] = (), *, files: Sequence[str | os.PathLike] = (), vocab_size: int = 2048,
@@ -184,6 +191,14 @@ class HFTokenizer(Tokenizer):
                 value = config.get(f"{key}_token")
                 names[key] = value.get("content") if isinstance(value, dict) else value
         return cls(json_path.read_text(encoding="utf-8"), **names)
+
+    def save_to(self, directory: str | os.PathLike) -> None:
+        """tokenizer.json as it was read, and a tokenizer_config.json naming the special tokens in use."""
+        directory = Path(directory)
+        (directory / "tokenizer.json").write_text(self._json, encoding="utf-8")
+        names = {f"{k}_token": self._tok.id_to_token(i) for k, i in
+                 (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)) if i is not None}
+        (directory / "tokenizer_config.json").write_text(json.dumps(names, indent=2), encoding="utf-8")
 
     def encode(self, text: str, *, continuation: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

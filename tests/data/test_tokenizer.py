@@ -1,8 +1,7 @@
-import json
 
 import pytest
 
-from pjlm_testing import require
+from pjlm_testing import hf_tokenizer_dir
 from pjlm.data.tokenizer import CHAT_MARKERS, ChatTemplate, SentencePieceTokenizer, load_tokenizer
 
 CORPUS = [
@@ -76,15 +75,7 @@ def test_chat_mask_covers_exactly_the_assistant_turns(spm_tok):
 
 
 def test_hf_tokenizer_json_round_trips(tmp_path):
-    tokenizers = require("tokenizers")
-    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
-    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<s>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator(CORPUS, trainer)
-    hf.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": "<s>"}))
+    hf = hf_tokenizer_dir(tmp_path, CORPUS)
     tok = load_tokenizer(tmp_path)
     assert (tok.eos_id, tok.bos_id, tok.pad_id) == (0, 1, 0)
     assert tok.vocab_size == hf.get_vocab_size()
@@ -93,3 +84,10 @@ def test_hf_tokenizer_json_round_trips(tmp_path):
     pieces = tok.encode_pieces(["The pasta", " was great"])
     assert tok.decode(pieces[0] + pieces[1]) == "The pasta was great"
     assert tok.fingerprint().startswith("hf:")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    tok.save_to(copy)  # what a run keeps in its work directory
+    again = load_tokenizer(copy)
+    assert again.fingerprint() == tok.fingerprint()
+    assert (again.eos_id, again.bos_id, again.pad_id) == (0, 1, 0)
+    assert again.encode(TRICKY[0]) == tok.encode(TRICKY[0])

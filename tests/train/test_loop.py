@@ -12,6 +12,7 @@ from pjlm import sharding
 from pjlm.config import MeshConfig
 from pjlm.data.loader import Batcher
 from pjlm.train import loop
+from pjlm_testing import hf_tokenizer_dir
 
 
 def _unigram_entropy(batcher, steps):
@@ -116,3 +117,20 @@ def test_init_from_loads_the_earlier_phase_and_checks_the_tokenizer(make_config,
         tmp_path / "other" / "tokenizer.model")
     with pytest.raises(ckpt_lib.CheckpointError, match="set data.tokenizer to the checkpoint's tokenizer"):
         loop.run(other, tmp_path / "other")
+
+
+def test_a_runs_hf_tokenizer_is_kept_in_its_work_directory(make_config, tmp_path):
+    import shutil
+
+    from pjlm.data import synthetic
+    from pjlm.sample import load_for_sampling, sample_text
+
+    source = tmp_path / "hf-tokenizer"
+    hf_tokenizer_dir(source, synthetic.generate(200, 0), vocab_size=320)
+    config = make_config(data=dict(tokenizer=str(source / "tokenizer.json")), train=dict(steps=2, checkpoint_every=2))
+    loop.run(config, tmp_path / "run")
+    assert (tmp_path / "run" / "tokenizer.json").exists()
+    shutil.rmtree(source)  # e.g. the run's directory copied to another machine
+    model, params, tokenizer = load_for_sampling(tmp_path / "run")
+    assert tokenizer.bos_id == 1 and tokenizer.eos_id == 0
+    assert len(sample_text(model, params, tokenizer, "The pasta", max_new_tokens=4)) == 1
