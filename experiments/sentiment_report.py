@@ -136,6 +136,7 @@ def _reward_model_accuracy(root: Path) -> float | None:
 def write(root: Path, scale, points: dict, seconds: dict, command: str) -> dict:
     """Write every output; returns the results dict (also results.json)."""
     from experiments import sentiment_markdown
+    from experiments.sentiment import read_jsonl
     from pjlm.train.loop import git_revision
 
     series = _series(points)
@@ -144,7 +145,7 @@ def write(root: Path, scale, points: dict, seconds: dict, command: str) -> dict:
     plot_frontier(series, root / "frontier.png")
     run_names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(("dpo-", "ppo-")))
     plot_curves(root, run_names, root / "curves.png")
-    pairs = {split: sum(1 for _ in open(root / "data" / f"pairs_{split}.jsonl")) for split in ("train", "eval")}
+    pairs = {split: len(read_jsonl(root / "data" / f"pairs_{split}.jsonl")) for split in ("train", "eval")}
     results = {
         "command": command, **environment(), "git_revision": git_revision(),
         "wall_time_s": round(sum(seconds.values()), 1), "phase_seconds": {k: round(v, 1) for k, v in seconds.items()},

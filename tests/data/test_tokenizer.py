@@ -1,4 +1,3 @@
-
 import pytest
 
 from pjlm_testing import hf_tokenizer_dir
