@@ -77,9 +77,13 @@ class _Loop:
     done_B: jax.Array
 
 
-def _record(state: _Loop, key, *, temperature, top_k, top_p, eos_id, pad_id) -> _Loop:
-    """Sample token t for every row still running; finished rows get pad_id and mask 0."""
-    token_B, logp_B = sample_logits(state.logits_BV, jax.random.fold_in(key, state.t), temperature=temperature,
+def _record(state: _Loop, key, *, temperature, top_k, top_p, eos_id, pad_id, vocab_limit) -> _Loop:
+    """Sample token t for every row still running; finished rows get pad_id and mask 0. Ids at or
+    above `vocab_limit` (embedding rows past the tokenizer's vocabulary) are never sampled."""
+    logits_BV = state.logits_BV
+    if vocab_limit is not None and vocab_limit < logits_BV.shape[-1]:
+        logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < vocab_limit, logits_BV, _NEG_INF)
+    token_B, logp_B = sample_logits(logits_BV, jax.random.fold_in(key, state.t), temperature=temperature,
                                     top_k=top_k, top_p=top_p)
     live_B = ~state.done_B
     token_B = jnp.where(live_B, token_B, pad_id)
@@ -90,7 +94,8 @@ def _record(state: _Loop, key, *, temperature, top_k, top_p, eos_id, pad_id) -> 
 
 
 def _generate(model: Transformer, params, prompt_tokens_BP, prompt_mask_BP, key, *, max_new_tokens: int,
-              temperature: float, top_k: int, top_p: float, eos_id: Optional[int], pad_id: int) -> dict:
+              temperature: float, top_k: int, top_p: float, eos_id: Optional[int], pad_id: int,
+              vocab_limit: Optional[int] = None) -> dict:
     B, P = prompt_tokens_BP.shape
     T = max_new_tokens
     variables = {"params": params}
@@ -107,7 +112,7 @@ def _generate(model: Transformer, params, prompt_tokens_BP, prompt_mask_BP, key,
                   tokens_BT=buffer(jnp.int32, pad_id), logprobs_BT=buffer(jnp.float32, 0.0),
                   mask_BT=buffer(jnp.bool_, False), done_B=jnp.zeros((B,), bool))
     record = functools.partial(_record, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
-                               eos_id=eos_id, pad_id=pad_id)
+                               eos_id=eos_id, pad_id=pad_id, vocab_limit=vocab_limit)
     state = record(state).replace(t=jnp.ones((), jnp.int32))
 
     def step(state: _Loop) -> _Loop:  # feed token t−1, sample token t
@@ -124,12 +129,12 @@ def _generate(model: Transformer, params, prompt_tokens_BP, prompt_mask_BP, key,
 
 
 _generate_jit = jax.jit(_generate, static_argnames=(
-    "model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id"))
+    "model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id", "vocab_limit"))
 
 
 def generate(model: Transformer, params, prompt_tokens_BP, prompt_mask_BP, *, key: jax.Array,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: Optional[int] = None, pad_id: int = 0) -> dict:
+             eos_id: Optional[int] = None, pad_id: int = 0, vocab_limit: Optional[int] = None) -> dict:
     """Continue left-padded prompts: {"tokens" [B, P+T] int32, "logprobs" [B, T] float32,
     "response_mask" [B, T] int32}.
 
@@ -138,6 +143,8 @@ def generate(model: Transformer, params, prompt_tokens_BP, prompt_mask_BP, *, ke
     tokens are `pad_id` with mask 0 and log-prob 0. The whole loop is one jitted computation, compiled
     once per (model, shapes, sampling settings); under `pjlm.sharding.use_mesh` with sharded params
     the cache is sharded by its logical axes (batch over data×fsdp, kv heads over tensor).
+    `vocab_limit` (the tokenizer's vocabulary size) keeps ids of padded embedding rows from being
+    sampled when the model has more rows than the tokenizer has ids.
     """
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens <= 0:
         raise ValueError(f"generate needs temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0 and max_new_tokens > 0; "
@@ -149,4 +156,4 @@ def generate(model: Transformer, params, prompt_tokens_BP, prompt_mask_BP, *, ke
                          f"{model.config.max_len}; shorten the prompt or max_new_tokens, or raise max_len")
     return _generate_jit(model, params, prompt_tokens_BP, prompt_mask_BP, key, max_new_tokens=max_new_tokens,
                          temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), eos_id=eos_id,
-                         pad_id=int(pad_id))
+                         pad_id=int(pad_id), vocab_limit=None if vocab_limit is None else int(vocab_limit))

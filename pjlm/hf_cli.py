@@ -89,10 +89,12 @@ def import_hf(args: argparse.Namespace) -> int:
     tokenizer = hf_convert.directory_tokenizer(args.dst)
     if tokenizer is None:
         print("no tokenizer in the source: set data.tokenizer in runs that start from it", file=sys.stderr)
-    elif tokenizer.vocab_size != config.vocab_size:
-        print(f"note: the tokenizer has {tokenizer.vocab_size} ids but the embedding {config.vocab_size} rows; pjlm's "
-              "training loop sizes the model from the tokenizer, so a run cannot start from this import until "
-              "it keeps a checkpoint's (padded) vocabulary", file=sys.stderr)
+    elif tokenizer.vocab_size > config.vocab_size:
+        print(f"warning: the tokenizer has {tokenizer.vocab_size} ids but the embedding only {config.vocab_size} "
+              "rows; a run cannot start from this import with this tokenizer", file=sys.stderr)
+    elif tokenizer.vocab_size < config.vocab_size:
+        print(f"note: the embedding has {config.vocab_size - tokenizer.vocab_size} rows past the tokenizer's "
+              f"{tokenizer.vocab_size} ids (padding); runs keep them and never sample them", file=sys.stderr)
     return 0
 
 

@@ -50,7 +50,7 @@ def sample_text(model: Transformer, params: Any, tokenizer: Tokenizer, prompt: s
     tokens_BP = np.tile(np.asarray(prompt_ids, np.int32), (n, 1))
     out = generate(model, params, tokens_BP, np.ones_like(tokens_BP), key=jax.random.key(seed),
                    max_new_tokens=min(max_new_tokens, room), temperature=temperature, eos_id=tokenizer.eos_id,
-                   pad_id=tokenizer.pad_id)
+                   pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
     response_BT = np.asarray(out["tokens"])[:, len(prompt_ids):]
     keep_BT = (np.asarray(out["response_mask"]) == 1) & (response_BT != tokenizer.eos_id)
     return [tokenizer.decode(row[keep].tolist()) for row, keep in zip(response_BT, keep_BT)]

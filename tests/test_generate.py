@@ -149,3 +149,17 @@ def test_too_long_a_generation_names_the_limit(tiny, prompts):
 def test_generation_benchmark_runs(capsys):
     result = bench_generate.main(["--batch", "8", "--prompt-len", "4", "--new-tokens", "4", "--repeats", "1"])
     assert result["new_tokens_per_s"] > 0 and '"new_tokens_per_s"' in capsys.readouterr().out
+
+
+def test_vocab_limit_keeps_padded_embedding_rows_out_of_the_samples(tiny, prompts):
+    model, params = tiny
+    V, limit = model.config.vocab_size, 40  # as if only the first 40 rows had tokenizer ids
+    free = generate(model, params, *prompts, key=jax.random.key(3), max_new_tokens=T, temperature=1.0)
+    assert (np.asarray(free["tokens"])[:, P:] >= limit).mean() > 0.5  # a random model spreads over all V
+    for temperature in (0.0, 1.0):
+        out = generate(model, params, *prompts, key=jax.random.key(3), max_new_tokens=T, temperature=temperature,
+                       vocab_limit=limit)
+        assert (np.asarray(out["tokens"])[:, P:] < limit).all()
+        assert np.isfinite(np.asarray(out["logprobs"])).all()
+    same = generate(model, params, *prompts, key=jax.random.key(3), max_new_tokens=T, temperature=1.0, vocab_limit=V)
+    np.testing.assert_array_equal(same["tokens"], free["tokens"])  # a limit at V changes nothing

@@ -208,6 +208,39 @@ def test_an_import_starts_a_training_run(tmp_path):
                            result.state.params, params)
 
 
+def test_an_import_with_padded_embeddings_trains_samples_and_refuses_a_bigger_tokenizer(tmp_path):
+    """Qwen2-style checkpoints have more embedding rows than the tokenizer has ids: a run from one keeps
+    every row (bit for bit at learning rate 0) and never samples a padded id."""
+    from pjlm.config import ConfigError
+    from pjlm.sample import load_for_sampling, sample_text
+    from pjlm.train import run
+
+    tok = SentencePieceTokenizer.train(TEXTS * 20, vocab_size=320)
+    rows = tok.vocab_size + 64
+    hf_model("llama", vocab_size=rows).save_pretrained(tmp_path / "src")
+    tok.save(tmp_path / "src" / "tokenizer.model")
+    assert cli.main(["import-hf", str(tmp_path / "src"), str(tmp_path / "base")]) == 0
+    config = tiny_config(train=dict(steps=1, eval_every=0, checkpoint_every=1, init_from=str(tmp_path / "base")),
+                         optimizer=dict(learning_rate=0.0))
+    config = dataclasses.replace(config, model=hf.model_config_of(tmp_path / "base"))
+    result = run(config, tmp_path / "run")
+    assert result.state.params["embed"]["embedding"].shape[0] == rows
+    _, params = hf.load(tmp_path / "src")
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                           result.state.params, params)
+    model, params, tokenizer = load_for_sampling(tmp_path / "run")
+    assert model.config.vocab_size == rows and tokenizer.vocab_size == tok.vocab_size
+    assert all(isinstance(t, str) for t in sample_text(model, params, tokenizer, "The", max_new_tokens=8, n=8))
+
+    from pjlm.data import synthetic
+
+    bigger = SentencePieceTokenizer.train(synthetic.generate(2000, 0), vocab_size=rows + 40)
+    bigger.save(tmp_path / "bigger.model")
+    with pytest.raises(ConfigError, match=f"has {rows} embedding rows"):
+        run(dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=str(tmp_path / "bigger.model"))),
+            tmp_path / "run2")
+
+
 def test_export_refuses_adapters_and_import_refuses_a_used_directory(tmp_path, capsys):
     _sentencepiece_source(tmp_path)
     dst = tmp_path / "base"

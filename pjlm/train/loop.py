@@ -121,7 +121,7 @@ def setup(config: Config, workdir: Path) -> _Run:
     sharding.check_batch_divides_mesh(config.data.batch_size, sharding.mesh_sizes(mesh), "data.batch_size")
     rows, eval_rows, schema, stats = pipeline.load_rows(config.data, config.train.phase)
     tokenizer = pipeline.get_tokenizer(config.data, workdir, rows, schema, config.train.init_from)
-    model_cfg = config.model.replace(vocab_size=tokenizer.vocab_size)
+    model_cfg = config.model.replace(vocab_size=_vocab_size(config, tokenizer))
     config = dataclasses.replace(config, model=model_cfg)
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_batches, tok_stats = pipeline.make_batcher(rows, schema, config.data, tokenizer, model_cfg.vocab_size,
@@ -140,6 +140,20 @@ def setup(config: Config, workdir: Path) -> _Run:
     model = Transformer(model_cfg, head=phases.model_head(config.train.phase))
     return _Run(config, workdir, mesh, model, tokenizer, train_batches, eval_batches, tx, schedule,
                 {**stats, **{f"tokenize_{k}": v for k, v in tok_stats.items()}})
+
+
+def _vocab_size(config: Config, tokenizer) -> int:
+    """The tokenizer's vocabulary; or `init_from`'s embedding rows when that model has more (Qwen2-style
+    checkpoints pad their embeddings past the tokenizer: the extra rows are kept, never fed, and
+    never sampled)."""
+    if not config.train.init_from:
+        return tokenizer.vocab_size
+    rows = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(config.train.init_from))["config"]["model"]["vocab_size"]
+    if rows < tokenizer.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but train.init_from="
+                          f"{config.train.init_from} has {rows} embedding rows; use the tokenizer it was "
+                          "trained with (data.tokenizer)")
+    return rows
 
 
 def create_or_restore(run: _Run, checkpointer: ckpt_lib.Checkpointer) -> tuple[TrainState, Any]:
