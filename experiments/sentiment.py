@@ -98,7 +98,7 @@ SCALES = {
                 sample_prompts=384, reward_steps=160, dpo_steps=120, dpo_betas=(0.1,), ppo_iterations=60,
                 bon_ns=(1, 4), eval_prompts=256, eval_points=2, max_new_tokens=24, ppo_lr=2e-4, dpo_lr=2e-4),
     "sweep": Scale(dpo_betas=(0.05, 0.1, 0.5, 1.0), ppo_kl_coefs=(0.02, 0.05, 0.2), ppo_kl_targets=(2.0, 6.0),
-                   ppo_iterations=200, bon_ns=(1, 2, 4, 8, 16, 64), eval_prompts=512),
+                   ppo_iterations=200, sample_prompts=2048, bon_ns=(1, 2, 4, 8, 16, 64), eval_prompts=512),
     "gpu": Scale(model_overrides=(("d_model", 512), ("n_layers", 8), ("n_heads", 8), ("n_kv_heads", 4),
                                   ("mlp_dim", 1536)), max_len=192, docs=40000, vocab=8192, batch=64,
                  pretrain_steps=4000, sft_steps=2000, sample_prompts=8192, reward_steps=1000, dpo_steps=1000,
