@@ -53,8 +53,7 @@ from pjlm import evaluate, rewards
 from pjlm.config import (Config, DataConfig, MeshConfig, OptimizerConfig, PPOConfig, PreferenceConfig, TrainConfig,
                          model_preset)
 from pjlm.data import synthetic
-from pjlm.data.pipeline import TOKENIZER_FILE
-from pjlm.data.tokenizer import load_tokenizer
+from pjlm.sample import load_for_sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,12 +154,16 @@ def split_review(review: str, rng: random.Random) -> Optional[tuple[str, str]]:
     return " ".join(words[:k]), " " + " ".join(words[k:])
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write atomically: a crash leaves no half-written file for a re-run to trust."""
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file: a crash leaves no half-written file for a re-run to trust."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -199,8 +202,7 @@ def make_pairs(root: Path, scale: Scale, vader) -> None:
     data = root / "data"
     if (data / "pairs_eval.jsonl").exists():
         return
-    model, params, _ = evaluate.load_policy(root / "sft")
-    tokenizer = load_tokenizer(root / "sft" / TOKENIZER_FILE)
+    model, params, tokenizer = load_for_sampling(root / "sft")
     prompts = [r["prompt"] for r in read_jsonl(data / "prompts_train.jsonl")][:scale.sample_prompts]
     k = scale.samples_per_prompt
     drawn = sample_in_chunks(model, params, tokenizer, prompts, k, scale, seed=1)
@@ -302,7 +304,7 @@ class Timings:
         print(f"[sentiment] {name} …", flush=True)
         fn(*args)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-        self.path.write_text(json.dumps(self.seconds, indent=2))
+        write_atomic(self.path, json.dumps(self.seconds, indent=2))
 
 
 def train_phase(config: Config, workdir: Path) -> None:

@@ -11,27 +11,19 @@ is computed, so an interrupted evaluation resumes where it stopped.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from pjlm import checkpoint as ckpt_lib
 from pjlm import evaluate, sharding
 from pjlm.config import MeshConfig
-from pjlm.data.pipeline import TOKENIZER_FILE
-from pjlm.data.tokenizer import load_tokenizer
-from experiments.sentiment import Scale, read_jsonl, sample_in_chunks
+from pjlm.sample import load_for_sampling
+from experiments.sentiment import Scale, read_jsonl, sample_in_chunks, write_atomic
 
 SAMPLES_KEPT = 4
 """Held-out prompts whose samples each point keeps for the report."""
-
-
-def checkpoint_steps(workdir: Path) -> list[int]:
-    directory = workdir / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "params").exists())
 
 
 def top_sentence(texts: list[str]) -> tuple[str, float]:
@@ -60,9 +52,7 @@ class Evaluator:
         self._sft = None
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.points, ensure_ascii=False))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.points, ensure_ascii=False))
 
     def _record(self, method: str, hp: str, step: int, out: dict) -> None:
         samples = [{"prompt": p, "response": t, "reward": s}
@@ -77,8 +67,7 @@ class Evaluator:
     @property
     def sft(self):
         if self._sft is None:
-            model, params, _ = evaluate.load_policy(self.root / "sft")
-            self._sft = model, params, load_tokenizer(self.root / "sft" / TOKENIZER_FILE)
+            self._sft = load_for_sampling(self.root / "sft")
         return self._sft
 
     def policy_point(self, method: str, hp: str, step: int, params) -> None:
@@ -97,7 +86,7 @@ class Evaluator:
             # Step 0 of every method is the SFT policy itself (same parameters, same samples).
             self.points.setdefault(_key(run.method, run.hp, 0), {**self.points[_key("sft", "-", 0)],
                                                                   "method": run.method, "hp": run.hp})
-            for step in checkpoint_steps(self.root / run.name):
+            for step in ckpt_lib.checkpoint_steps(self.root / run.name / "checkpoints"):
                 if _key(run.method, run.hp, step) not in self.points:
                     _, params, _ = evaluate.load_policy(self.root / run.name / "checkpoints" / str(step))
                     self.policy_point(run.method, run.hp, step, params)

@@ -82,14 +82,21 @@ class Checkpointer:
         self._manager.close()
 
 
+def checkpoint_steps(directory: str | Path) -> list[int]:
+    """The steps saved in a checkpoints directory (those with a params item), in order; [] if none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "params").exists())
+
+
 def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
     """A work directory (→ its latest checkpoint), a checkpoints directory, or a step directory."""
     path = Path(path).absolute()
     for directory in (path / "checkpoints", path):
-        if directory.is_dir():
-            steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "params").exists())
-            if steps:
-                return directory, steps[-1]
+        steps = checkpoint_steps(directory)
+        if steps:
+            return directory, steps[-1]
     if path.name.isdigit() and (path / "params").exists():
         return path.parent, int(path.name)
     raise CheckpointError(f"no checkpoint found at {path}; pass a work directory, its checkpoints/ folder, "
