@@ -6,20 +6,28 @@ data_offsets}}, "__metadata__"), then the raw little-endian tensor bytes. It is 
 published checkpoints), and `framework="flax"` materialises each whole tensor on the default device.
 A memory-mapped view in any dtype (bfloat16 via `ml_dtypes`) reads from disk only the bytes a
 slice of it touches, so each device shard of a large model pulls just its own part.
+
+Nothing in a directory is trusted: the reader opens only files inside it (an index entry or symlink
+that leads out is refused), bounds each header, and checks every tensor's dtype, shape and byte range
+against its file when it opens the directory. A bad file is an `HFFormatError` naming file and tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import ml_dtypes
 import numpy as np
 
+from pjlm.errors import HFFormatError
+
 INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound on a header
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
@@ -27,31 +35,147 @@ _DTYPES = {
     "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+_REDO = "the file is corrupt or truncated: download or save it again"
+
+
+class MissingWeightsError(HFFormatError, FileNotFoundError):
+    """A weight file the directory should hold is absent (still a FileNotFoundError for callers)."""
+
+
+def inside(directory: Path, name: str | Path, what: str) -> Path:
+    """`directory / name` with symlinks followed, refused unless it stays inside `directory` (or, for a
+    Hugging Face cache snapshot `<repo>/snapshots/<rev>/`, inside `<repo>/blobs/`, where its links lead).
+    `what` says where the name came from, for the message."""
+    if Path(name).is_absolute():
+        raise HFFormatError(f"{what} is an absolute path; name files relative to {directory}")
+    root = directory.resolve()
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    target = (directory / name).resolve()
+    if not any(target.is_relative_to(r) for r in roots):
+        raise HFFormatError(f"{what} leads to {target}, outside {directory}; pjlm reads only files inside "
+                            "the model directory")
+    return target
+
+
+def read_json(directory: Path, name: str) -> Any:
+    """A JSON file of the directory (confined to it); malformed JSON is an `HFFormatError`."""
+    file = directory / name
+    inside(directory, name, str(file))
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise HFFormatError(f"{file} is not valid UTF-8 JSON ({_short(e)}); download or save it again") from None
 
 
 def shard_files(directory: Path) -> list[Path]:
     """The weight files of an HF model directory: those its index names, else `model.safetensors`,
-    else every `*.safetensors` there."""
+    else every `*.safetensors` there. Each is checked to exist inside the directory."""
     index = directory / INDEX_FILE
     if index.exists():
-        return sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+        weight_map = read_json(directory, INDEX_FILE)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise HFFormatError(f"{index} has no \"weight_map\" object; download or save it again")
+        files: dict[Path, Path] = {}  # resolved → as named, so two names for one file read it once
+        for tensor, name in weight_map.items():
+            what = f"{index}: weight_map entry {_short(tensor)} -> {_short(name)}"
+            if not isinstance(name, str):
+                raise HFFormatError(f"{what} is not a file name")
+            files.setdefault(_existing(directory, name, what), directory / name)
+        return sorted(files.values())
     if (directory / "model.safetensors").exists():
-        return [directory / "model.safetensors"]
-    files = sorted(directory.glob("*.safetensors"))
+        files = [directory / "model.safetensors"]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{directory} holds no *.safetensors weights; convert a pytorch_model.bin "
-                                "checkpoint first (transformers: model.save_pretrained(dir, safe_serialization=True))")
+        raise MissingWeightsError(f"{directory} holds no *.safetensors weights; convert a pytorch_model.bin "
+                                  "checkpoint first (transformers: model.save_pretrained(dir, safe_serialization=True))")
+    for file in files:
+        _existing(directory, file.name, str(file))
     return files
 
 
+def _existing(directory: Path, name: str, what: str) -> Path:
+    target = inside(directory, name, what)
+    if not target.is_file():
+        raise MissingWeightsError(f"{what}: no such file in {directory}; download the missing shard")
+    return target
+
+
 def _read_header(file: Path) -> tuple[int, dict]:
+    """(where the tensor data starts, {name: {dtype, shape, data_offsets}}), every entry checked
+    against the file's size; "__metadata__" is dropped."""
+    size = file.stat().st_size
     with open(file, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        return 8 + n, json.loads(fh.read(n))
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise HFFormatError(f"{file}: {size} bytes, too short to hold a safetensors header; {_REDO}")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_BYTES:
+            raise HFFormatError(f"{file}: header length {n} is over the {MAX_HEADER_BYTES}-byte bound on a "
+                                f"safetensors header; {_REDO}")
+        if n > size - 8:
+            raise HFFormatError(f"{file}: header length {n} exceeds the {size - 8} bytes after it; {_REDO}")
+        try:
+            header = json.loads(fh.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
+        except HFFormatError as e:
+            raise HFFormatError(f"{file}: {e}; {_REDO}") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise HFFormatError(f"{file}: header is not UTF-8 JSON ({_short(e)}); {_REDO}") from None
+    if not isinstance(header, dict):
+        raise HFFormatError(f"{file}: header is a JSON {type(header).__name__}, not an object; {_REDO}")
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        _check_tensor(file, name, info, size - 8 - n)
+    return 8 + n, header
+
+
+def _check_tensor(file: Path, name: str, info: Any, data_bytes: int) -> None:
+    """One header entry: a known dtype, a shape of non-negative ints, and data_offsets [begin, end]
+    inside the file's data that span exactly the bytes the shape and dtype need."""
+    where = f"{file}: tensor {_short(name)}"
+    if not isinstance(info, dict):
+        raise HFFormatError(f"{where} has header entry {_short(info)}, not {{dtype, shape, data_offsets}}; {_REDO}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise HFFormatError(f"{where} has dtype {_short(dtype)}, which pjlm cannot read "
+                            f"(it reads {', '.join(_DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise HFFormatError(f"{where} has shape {_short(shape)}, not a list of non-negative integers; {_REDO}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise HFFormatError(f"{where} has data_offsets {_short(offsets)}, not a pair [begin, end] of integers; {_REDO}")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise HFFormatError(f"{where} has data_offsets [{begin}, {end}], not 0 <= begin <= end; {_REDO}")
+    if end > data_bytes:
+        raise HFFormatError(f"{where} ends at data byte {end} but the file holds {data_bytes} bytes of data; {_REDO}")
+    need = math.prod(shape) * _DTYPES[dtype].itemsize
+    if end - begin != need:
+        raise HFFormatError(f"{where} has data_offsets [{begin}, {end}] ({end - begin} bytes) but shape "
+                            f"{shape} of {dtype} needs {need} bytes; {_REDO}")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise HFFormatError(f"header names {_short(twice)} twice")
+    return dict(pairs)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _short(x: Any, limit: int = 120) -> str:
+    """`repr(x)` cut to one short line: header values come from the file and can be anything."""
+    text = repr(x) if not isinstance(x, BaseException) else str(x).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class SafetensorsReader:
-    """Name → memory-mapped numpy view over all of a directory's shards; `close()` unmaps them."""
+    """Name → memory-mapped numpy view over all of a directory's shards; `close()` unmaps them.
+    Every file and tensor entry is checked when the reader opens the directory."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -59,13 +183,10 @@ class SafetensorsReader:
         self._where: dict[str, tuple[Path, int, dict]] = {}
         for file in shard_files(self.directory):
             start, header = _read_header(file)
-            header.pop("__metadata__", None)
             for name, info in header.items():
                 if name in self._where:
-                    raise ValueError(f"tensor {name!r} is in both {self._where[name][0].name} and {file.name}; "
-                                     f"remove the stray file from {self.directory}")
-                if info["dtype"] not in _DTYPES:
-                    raise ValueError(f"tensor {name!r} in {file.name} has dtype {info['dtype']}, which pjlm cannot read")
+                    raise HFFormatError(f"tensor {_short(name)} is in both {self._where[name][0].name} and "
+                                        f"{file.name}; remove the stray file from {self.directory}")
                 self._where[name] = (file, start, info)
 
     def names(self) -> set[str]:

@@ -26,7 +26,7 @@ from pjlm.config import ConfigError, MeshConfig, ModelConfig
 from pjlm.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from pjlm.data.tokenizer import load_tokenizer as _load_tokenizer
 from pjlm.hf import TensorMap, config_from_hf, config_to_hf, get_path, set_path, tensor_map
-from pjlm.hf_files import SafetensorsReader, write_shards
+from pjlm.hf_files import SafetensorsReader, read_json, write_shards
 from pjlm.model import Transformer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -42,7 +42,7 @@ def read_hf_config(path: str | Path) -> dict:
     file = Path(path) / "config.json"
     if not file.exists():
         raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face model directory")
-    return json.loads(file.read_text())
+    return read_json(Path(path), "config.json")
 
 
 def load(path: str | Path, *, dtype: str = "float32", compute_dtype: Optional[str] = None,
