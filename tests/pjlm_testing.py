@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: optional-dependency imports and a tiny training run.
+"""Helpers shared by the tests: optional-dependency imports, a tiny training run, small data files, and
+`assert_close`, DESIGN.md's tolerance rule.
 
 (A plain module, not a conftest, so `from pjlm_testing import ...` names exactly one file.)
 """
@@ -56,3 +57,78 @@ def hf_tokenizer_dir(directory, texts, vocab_size: int = 400):
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump({"eos_token": "<|endoftext|>", "bos_token": "<s>"}, f)
     return hf
+
+
+def clear_preferences(path, n: int = 400) -> str:
+    """A JSONL preference file at `path` — chosen praises, rejected complains: a preference a tiny model
+    can learn in a few dozen steps. Returns the path as a string."""
+    import json
+
+    nouns = ["pasta", "staff", "phone", "movie", "room", "soup", "screen", "plot"]
+    good, bad = ["great", "lovely", "excellent", "superb"], ["awful", "terrible", "rude", "boring"]
+    with open(path, "w") as f:
+        for i in range(n):
+            noun = nouns[i % len(nouns)]
+            f.write(json.dumps({"prompt": "Review:", "chosen": f" The {noun} was {good[i % 4]}.",
+                                "rejected": f" The {noun} was {bad[(i // 4) % 4]}."}) + "\n")
+    return str(path)
+
+
+# The bounds of DESIGN.md's tolerance rule, by how the value under test was computed.
+F32 = 1e-5
+"""float32 elementwise, or one matmul."""
+F32_DEEP = 1e-4
+"""float32 through a model or a long reduction: logits, gradients, losses over a batch."""
+BF16 = 2e-2
+"""bf16 compute."""
+
+
+def assert_close(got, want, rel: float, *, what: str = "", scale: float | None = None) -> None:
+    """DESIGN.md's tolerance rule, leaf by leaf: max|got − want| / max|want| ≤ `rel`.
+
+    `got` and `want` are arrays, scalars or pytrees of one structure (or one array against nested
+    lists of numbers); a scalar `want` stands for every entry of its leaf, other shapes must match.
+    Both are compared in float64. `rel` is the rule's bound for how `got` was computed: `F32`,
+    `F32_DEEP` or `BF16`; a test that passes another says why next to the call. `what` names the
+    value in the failure message, followed by the leaf's path.
+
+    A reference that is all zeros has no scale: then the leaf must be exactly zero, unless `scale`
+    gives the size of the quantities the zero came from (e.g. a sum that cancels, or a mean of
+    whitened values), and the bound is max|got| ≤ rel·scale. `scale`, when given, replaces max|want|
+    for every leaf. Non-finite entries must match exactly: NaN where NaN, the same ±inf.
+    """
+    import jax
+    import numpy as np
+
+    got_leaves, got_tree = jax.tree_util.tree_flatten_with_path(got)
+    want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+    if jax.tree_util.treedef_is_leaf(got_tree) or jax.tree_util.treedef_is_leaf(want_tree):
+        got_leaves, want_leaves = [((), got)], [want]  # one array (against, maybe, a list of numbers)
+    elif got_tree != want_tree:
+        raise AssertionError(f"{what or 'value'}: tree structures differ: got {got_tree}, want {want_tree}")
+    for (path, g), w in zip(got_leaves, want_leaves):
+        name = f"{what}{jax.tree_util.keystr(path)}" or "value"
+        g, w = np.asarray(g).astype(np.float64), np.asarray(w).astype(np.float64)
+        if w.ndim == 0:
+            w = np.broadcast_to(w, g.shape)
+        if g.shape != w.shape:
+            raise AssertionError(f"{name}: shape {g.shape} != reference shape {w.shape}")
+        finite = np.isfinite(w)
+        odd = ~(finite & np.isfinite(g))
+        if not np.array_equal(g[odd], w[odd], equal_nan=True):
+            raise AssertionError(f"{name}: non-finite entries differ: got {g[odd]}, want {w[odd]}")
+        if not finite.any():
+            continue
+        err = np.zeros(g.shape)
+        err[finite] = np.abs(g[finite] - w[finite])
+        denom, denom_name = (float(np.abs(w[finite]).max()), "max|want|") if scale is None else (float(scale), "scale")
+        worst = float(err.max())
+        if worst == 0.0 or (denom > 0 and worst <= rel * denom):
+            continue
+        at = np.unravel_index(int(err.argmax()), err.shape)
+        where = f" at index {tuple(int(i) for i in at)}" if err.ndim else ""
+        if denom == 0:
+            raise AssertionError(f"{name}: the reference is zero, so the rule asks for exact equality (or a "
+                                 f"`scale`); largest |got| = {worst:.3g}{where}")
+        raise AssertionError(f"{name}: max|got − want| / {denom_name} = {worst / denom:.3g} > {rel:g} (largest error "
+                             f"{worst:.3g}{where}: got {g[at]:.9g}, want {w[at]:.9g}; {denom_name} = {denom:.3g})")

@@ -1,3 +1,9 @@
+"""pjlm.bt (Bradley–Terry fits) against closed forms, scipy, finite differences and simulation.
+
+Everything is float64 numpy, outside DESIGN.md's float32/bf16 bounds: each bound below is float64
+rounding of an identity (1e-9…1e-12), the convergence of an iterative fit or optimiser (1e-6), a
+finite-difference Hessian (1e-4), or a statistical bound, and says which where it is not plain."""
+
 import numpy as np
 import pytest
 
@@ -52,7 +58,7 @@ def test_simulated_seasons_standard_errors_and_mean_are_calibrated():
     fits = [bt.fit(w) for w in wins]
     scores = np.array([s for s, _ in fits])
     stderr = np.array([e for _, e in fits]).mean(axis=0)
-    np.testing.assert_allclose(scores.sum(axis=1), 0.0, atol=1e-9)
+    np.testing.assert_allclose(scores.sum(axis=1), 0.0, atol=1e-9)  # centred by construction: rounding only
 
     # The reported standard error (observed information on the sum-zero subspace) matches the actual
     # spread of the centred scores over seasons, team by team.
@@ -126,6 +132,7 @@ def test_covariance_is_the_information_inverse_on_the_sum_zero_subspace():
     info = -np.array([[(ll(scores + h * (ei + ej)) - ll(scores + h * (ei - ej)) - ll(scores - h * (ei - ej))
                         + ll(scores - h * (ei + ej))) / (4 * h * h) for ej in eye] for ei in eye])
     proj = eye - 1.0 / N_TEAMS
+    # Finite-difference bound: h = 1e-4 leaves O(h²) truncation and ~eps·|ℓ|/h² rounding in `info`.
     np.testing.assert_allclose(cov, proj @ np.linalg.pinv(proj @ info @ proj) @ proj, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(cov.sum(axis=1), 0.0, atol=1e-12)
     np.testing.assert_allclose(np.sqrt(np.diag(cov)), stderr, rtol=1e-12)
@@ -168,7 +175,7 @@ def test_standard_errors_shrink_like_one_over_sqrt_games():
     _, _, wins = one_season()
     scores, stderr = bt.fit(wins)
     scores4, stderr4 = bt.fit(4 * wins)
-    np.testing.assert_allclose(scores4, scores, atol=1e-6)
+    np.testing.assert_allclose(scores4, scores, atol=1e-6)  # equal but for the default ridge's pull
     np.testing.assert_allclose(stderr / stderr4, 2.0, rtol=1e-5)
 
 

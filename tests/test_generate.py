@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from experiments import bench_generate
+from pjlm_testing import F32, F32_DEEP, assert_close
 from pjlm import sharding
 from pjlm.config import MeshConfig, model_preset
 from pjlm.generate import _generate_jit, generate, sample_logits
@@ -73,7 +74,7 @@ def test_logprobs_are_the_full_forwards_tempered_log_softmax(tiny, prompts, top_
     logits_BTV = _full_forward(model)(params, tokens_BL, pos_BL, seg_BL)[:, P - 1:-1] / 0.7
     logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)  # the full vocabulary even with top-k
     expected_BT = np.take_along_axis(np.asarray(logp_BTV), tokens_BL[:, P:, None], axis=-1)[..., 0]
-    np.testing.assert_allclose(out["logprobs"], expected_BT, atol=2e-5, rtol=1e-5)
+    assert_close(out["logprobs"], expected_BT, F32_DEEP)  # cached decoding vs the full forward: through a model
     assert np.all(expected_BT < 0) and len(np.unique(tokens_BL[:, P:])) > 3, "sampled, not greedy"
     if top_k:
         logits_BTV = np.asarray(logits_BTV)
@@ -116,7 +117,7 @@ def test_sample_logits_truncates_to_top_k_and_nucleus():
     key = jax.random.key(6)
     top_p, logp_top_p = sample_logits(logits_BV, key, temperature=1.0, top_p=0.75)
     assert set(np.unique(top_p)) == {0, 2}, "nucleus 0.75 is {0.5, 0.3}"
-    np.testing.assert_allclose(logp_top_p, np.log(np.array([0.5, 0.05, 0.3, 0.15]))[top_p], rtol=1e-5)
+    assert_close(logp_top_p, np.log(np.array([0.5, 0.05, 0.3, 0.15]))[top_p], F32)  # one log-softmax
     top_k, _ = sample_logits(logits_BV, key, temperature=2.0, top_k=3)
     assert set(np.unique(top_k)) == {0, 2, 3}
     full, _ = sample_logits(logits_BV, key, temperature=1.0)
@@ -137,7 +138,7 @@ def test_sharded_run_equals_single_device(tiny, prompts):
     assert "f32[2,1,16,1,16]" in compiled.as_text() and "f32[2,4,16,2,16]" not in compiled.as_text()
     ref = generate(model, params, *prompts, key=jax.random.key(7), max_new_tokens=T, temperature=0.0)
     np.testing.assert_array_equal(out["tokens"], ref["tokens"])
-    np.testing.assert_allclose(out["logprobs"], ref["logprobs"], atol=1e-5)
+    assert_close(out["logprobs"], ref["logprobs"], F32_DEEP)  # through the model, sharded vs not
 
 
 def test_too_long_a_generation_names_the_limit(tiny, prompts):

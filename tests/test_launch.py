@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import pytest
 
+from pjlm_testing import F32_DEEP, assert_close
 from pjlm import sharding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,9 +126,9 @@ def test_two_processes_reach_the_one_process_loss(tmp_path):
     assert [m["tokens"] for m in got] == [m["tokens"] for m in ref]  # the same global batches
     losses = [(m1["loss"], m2["loss"]) for m1, m2 in zip(ref, got)]
     print(f"\none process: {t_one:.1f} s, two processes: {t_two:.1f} s; losses (1 process, 2 processes): {losses}")
-    for m1, m2 in zip(ref, got):
-        assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5), f"step {m1['step']}"
-        assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4), f"step {m1['step']}"
+    for m1, m2 in zip(ref, got):  # a batch's loss and gradients through the model, reduced across processes
+        assert_close(m2["loss"], m1["loss"], F32_DEEP, what=f"step {m1['step']} loss")
+        assert_close(m2["grad_norm"], m1["grad_norm"], F32_DEEP, what=f"step {m1['step']} grad_norm")
     assert ref[-1]["loss"] < ref[0]["loss"]  # it trained
     assert (two / "checkpoints" / str(STEPS)).is_dir()  # both processes wrote their checkpoint shards
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pjlm_testing import BF16, F32, F32_DEEP, assert_close
 from pjlm.config import model_preset
 from pjlm.model import Transformer, attention_mask, einsum_attention, fused_attention, positions_from_segments
 
@@ -35,7 +36,8 @@ def test_causality(tiny):
     changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % 256)
     a = fwd(params, tokens, *_one_segment(tokens))
     b = fwd(params, changed, *_one_segment(changed))
-    chex.assert_trees_all_close(a[:, :10], b[:, :10], atol=0, rtol=0)
+    # Bit for bit: a masked key's weight is exactly 0, so earlier positions cannot move at all.
+    chex.assert_trees_all_equal(a[:, :10], b[:, :10])
     assert np.all(np.abs(np.asarray(a[:, 10:] - b[:, 10:])).max(axis=-1) > 1e-4), "later positions must see it"
 
 
@@ -52,8 +54,8 @@ def test_packed_row_equals_sequences_alone(tiny):
     alone_pos = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (2, L))
     packed_logits = fwd(params, jnp.stack([packed, packed]), jnp.stack([pos, pos]), jnp.stack([seg, seg]))[0]
     alone_logits = fwd(params, alone, alone_pos, alone_seg)
-    chex.assert_trees_all_close(packed_logits[:10], alone_logits[0, :10], atol=1e-5)
-    chex.assert_trees_all_close(packed_logits[10:19], alone_logits[1, :9], atol=1e-5)
+    assert_close(packed_logits[:10], alone_logits[0, :10], F32_DEEP, what="segment 1")  # logits: through a model
+    assert_close(packed_logits[10:19], alone_logits[1, :9], F32_DEEP, what="segment 2")
 
 
 def test_left_padding_gives_unpadded_logits(tiny):
@@ -66,7 +68,7 @@ def test_left_padding_gives_unpadded_logits(tiny):
     right_seg = (jnp.arange(L) < 19).astype(jnp.int32)
     right_pos = jnp.arange(L, dtype=jnp.int32)
     out = fwd(params, jnp.stack([left, right]), jnp.stack([left_pos, right_pos]), jnp.stack([left_seg, right_seg]))
-    chex.assert_trees_all_close(out[0, 5:], out[1, :19], atol=1e-5)
+    assert_close(out[0, 5:], out[1, :19], F32_DEEP)  # logits: through a model
     assert np.all(np.isfinite(np.asarray(out))), "padding rows must stay finite"
 
 
@@ -76,7 +78,7 @@ def test_positions_restart_per_segment_and_default_to_one_segment(tiny):
     np.testing.assert_array_equal(positions_from_segments(seg), [[0, 1, 2, 0, 1, 0, 1], [0, 1, 0, 1, 2, 3, 4]])
     tokens = _tokens(5)
     implicit = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)
-    chex.assert_trees_all_close(implicit, fwd(params, tokens, *_one_segment(tokens)), atol=1e-6)
+    assert_close(implicit, fwd(params, tokens, *_one_segment(tokens)), F32_DEEP)  # two compiled forwards
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -89,7 +91,7 @@ def test_einsum_attention_equals_dot_product_attention(window):
     mask = attention_mask(seg, window)
     ref = einsum_attention(q, k, v, mask)
     xla = fused_attention(q, k, v, mask, "xla", window)
-    chex.assert_trees_all_close(ref, xla, atol=1e-5)
+    assert_close(xla, ref, F32)  # float32 attention alone: two short matmuls and a softmax
 
 
 def test_sliding_window_model_matches_xla_and_limits_receptive_field():
@@ -99,10 +101,10 @@ def test_sliding_window_model_matches_xla_and_limits_receptive_field():
     tokens = _tokens(7)
     a = jax.jit(lambda p, t: ein.apply({"params": p}, t))(params, tokens)
     b = jax.jit(lambda p, t: xla.apply({"params": p}, t))(params, tokens)
-    chex.assert_trees_all_close(a, b, atol=1e-5)
+    assert_close(b, a, F32_DEEP)  # logits: through a model
     # Two layers of a 4-token window see 2·3 = 6 tokens back: token 0 reaches positions ≤ 6 only.
     c = jax.jit(lambda p, t: ein.apply({"params": p}, t))(params, tokens.at[:, 0].set((tokens[:, 0] + 1) % 256))
-    chex.assert_trees_all_close(a[:, 7:], c[:, 7:], atol=0, rtol=0)
+    chex.assert_trees_all_equal(a[:, 7:], c[:, 7:])  # bit for bit: outside the receptive field
     assert np.abs(np.asarray(a[:, 6] - c[:, 6])).max() > 1e-5
 
 
@@ -149,7 +151,7 @@ def test_scalar_head_is_one_score_per_position_and_causal():
     tokens = _tokens(8)
     a, b = fwd(params, tokens), fwd(params, tokens.at[:, -1].set(0))
     assert a.shape == (B, L) and a.dtype == jnp.float32
-    chex.assert_trees_all_close(a[:, :-1], b[:, :-1], atol=0, rtol=0)
+    chex.assert_trees_all_equal(a[:, :-1], b[:, :-1])  # bit for bit, as in test_causality
 
 
 @pytest.mark.slow
@@ -164,7 +166,9 @@ def test_remat_policies_give_the_same_gradients(tiny):
 
     ref = grads("none")
     for remat in ("full", "save_dots"):
-        chex.assert_trees_all_close(grads(remat), ref, atol=1e-5, rtol=1e-5)
+        # float32 gradients through the model: the accumulation order differs between CPUs, so an element-wise
+        # 1e-5 failed on one (1.3e-5 on a value of 0.25); the rule measures the error on the leaf's scale.
+        assert_close(grads(remat), ref, F32_DEEP, what=f"remat={remat}")
 
 
 def test_bf16_compute_keeps_float32_params_and_logits(tiny):
@@ -175,7 +179,10 @@ def test_bf16_compute_keeps_float32_params_and_logits(tiny):
     assert out.dtype == jnp.float32
     chex.assert_trees_all_equal_dtypes(params, jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params))
     ref = fwd(params, tokens, *_one_segment(tokens))
-    assert float(jnp.abs(out - ref).max()) < 0.1 * float(jnp.abs(ref).max())
+    # Departs from the rule's bf16 bound (2e-2): every matmul of both layers and the unembedding rounds its
+    # inputs to bf16, and the logits move by 2.2e-2 of their scale (measured on CPU), so the bound is 5× the
+    # rule's, 0.1, as it was: bf16 compute must stay near the float32 logits, not match them to 2e-2.
+    assert_close(out, ref, 5 * BF16)
 
 
 def test_sequence_longer_than_max_len_is_a_clear_error(tiny):

@@ -1,9 +1,9 @@
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pjlm_testing import BF16, F32, assert_close
 from pjlm import ops
 
 
@@ -29,10 +29,10 @@ def test_token_logprobs_equals_float64_reference(data):
     ref = np.take_along_axis(_np_log_softmax(logits), targets[..., None], -1)[..., 0]
     out = ops.token_logprobs(jnp.asarray(logits, jnp.float32), jnp.asarray(targets))
     assert out.dtype == jnp.float32
-    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert_close(out, ref, F32)  # a log-softmax over 50 entries
     bf16 = ops.token_logprobs(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets))
     assert bf16.dtype == jnp.float32
-    np.testing.assert_allclose(bf16, ref, atol=0.1)
+    assert_close(bf16, ref, BF16)
 
 
 @pytest.mark.parametrize("chunk", [7, 16, 50, 4096])
@@ -40,14 +40,14 @@ def test_chunked_token_logprobs_equals_reference_and_its_gradient(data, chunk):
     hidden, kernel, targets, logits = data
     ref = np.take_along_axis(_np_log_softmax(logits), targets[..., None], -1)[..., 0]
     out = ops.chunked_token_logprobs(jnp.asarray(hidden), jnp.asarray(kernel), jnp.asarray(targets), chunk_size=chunk)
-    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert_close(out, ref, F32)  # one matmul, then a log-softmax
 
     weights = jnp.asarray(np.random.default_rng(1).normal(size=targets.shape), jnp.float32)
     dense = lambda h, k: jnp.sum(weights * ops.token_logprobs(jnp.einsum("BLD,DV->BLV", h, k), targets))
     chunked = lambda h, k: jnp.sum(weights * ops.chunked_token_logprobs(h, k, targets, chunk_size=chunk))
     g_ref = jax.grad(dense, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(kernel))
     g_out = jax.jit(jax.grad(chunked, argnums=(0, 1)))(jnp.asarray(hidden), jnp.asarray(kernel))
-    chex.assert_trees_all_close(g_out, g_ref, atol=1e-5)
+    assert_close(g_out, g_ref, F32, what="grad")  # gradients of one matmul and a log-softmax
 
 
 def test_sequence_logprobs_is_shifted_masked_sum(data):
@@ -59,7 +59,7 @@ def test_sequence_logprobs_is_shifted_masked_sum(data):
     logp = _np_log_softmax(logits)
     ref = [sum(logp[b, t - 1, targets[b, t]] for t in range(1, targets.shape[1]) if mask[b, t]) for b in range(3)]
     out = ops.sequence_logprobs(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.asarray(mask))
-    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert_close(out, ref, F32)  # log-softmaxes, a few summed
     assert out[2] == 0.0
 
 
@@ -67,5 +67,5 @@ def test_entropy_equals_float64_reference(data):
     _, _, _, logits = data
     logp = _np_log_softmax(logits)
     ref = -(np.exp(logp) * logp).sum(-1)
-    np.testing.assert_allclose(ops.entropy(jnp.asarray(logits, jnp.float32)), ref, atol=1e-5)
+    assert_close(ops.entropy(jnp.asarray(logits, jnp.float32)), ref, F32)
     assert np.all(ref <= np.log(logits.shape[-1]) + 1e-9)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from pjlm_testing import F32, assert_close
 from pjlm import rewards
 
 
@@ -88,7 +89,7 @@ def test_build_reward_from_specs():
     np.testing.assert_allclose(parts["reward_model"], [1.0, 1.0])
     np.testing.assert_allclose(parts["length"], [0.0, -2.0])
     expected = parts["vader"] + parts["eos_penalty"] + 0.1 * parts["length"] + 0.5 * parts["regex"] + 2.0
-    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    assert_close(total, expected, F32)  # a weighted sum of float32 parts
     assert parts["vader"][0] > 0 and parts["vader"][1] < 0
     # A ready ModelReward (already normalised) is used as it is.
     ready = rewards.ModelReward(lambda p, r, m: np.full(len(r), 5.0), mean=1.0, std=4.0)

@@ -17,6 +17,8 @@ def test_ppo_raises_a_rule_based_reward_and_beta_limits_the_kl(make_config, pret
     low = run(_ppo_config(make_config, pretrained, beta=0.01), tmp_path / "low").history
     rewards = [h["reward"] for h in low]
     kls = [h["kl"] for h in low]
+    # A zero reached through two forwards of the same weights: the KL is a mean of differences of per-token
+    # log-probs of a few nats, so 1e-5 absolute is within the rule's F32_DEEP of their scale.
     assert kls[0] == pytest.approx(0.0, abs=1e-5), "the first rollout comes from the reference itself"
     assert np.mean(rewards[-3:]) > rewards[0] + 0.05, rewards
     assert np.mean(kls[-3:]) > 0.05, kls
@@ -45,8 +47,7 @@ def test_ppo_resumes_exactly(make_config, pretrained, tmp_path):
     resumed = run(config(4), tmp_path / "resumed")
     assert [h["step"] for h in resumed.history] == [4]
     assert resumed.history[0]["reward"] == straight.history[-1]["reward"]
-    chex.assert_trees_all_close(jax.device_get(resumed.state.params), jax.device_get(straight.state.params),
-                                atol=1e-6)
+    chex.assert_trees_all_equal(jax.device_get(resumed.state.params), jax.device_get(straight.state.params))
 
 
 @pytest.mark.slow
@@ -57,7 +58,7 @@ def test_critic_free_ppo_with_lora_trains_adapters_against_the_base(make_config,
     c = c.__class__(**{**c.__dict__, "lora": lora.LoraConfig(rank=4, alpha=8.0)})
     result = run(c, tmp_path / "grpo")
     assert set(result.state.params) == {"lora"}
-    assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the base is the reference
+    assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the base is the reference (bound as above)
     assert result.history[-1]["kl"] != 0.0 and "value_loss" not in result.history[-1]
     b = np.asarray(result.state.params["lora"]["layers"]["attn"]["q"]["kernel"]["b"])
     assert np.abs(b).max() > 0

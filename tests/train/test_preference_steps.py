@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pjlm_testing import F32_DEEP, assert_close, clear_preferences
 from pjlm import checkpoint as ckpt_lib
 from pjlm.config import PreferenceConfig, model_preset
 from pjlm.model import Transformer
@@ -27,7 +28,7 @@ def test_reward_score_is_read_at_the_last_real_token_under_left_and_right_paddin
     np.testing.assert_array_equal(preference.last_token_index(rows["segment_ids"]), [9, 15])
     scores = preference.sequence_scores(model, params, rows)
     full = model.apply({"params": params}, rows["tokens"][:1, :10])
-    np.testing.assert_allclose(scores, [full[0, 9], full[0, 9]], rtol=1e-5)
+    assert_close(scores, jnp.stack([full[0, 9], full[0, 9]]), F32_DEEP)  # float32 through the model
 
 
 def _pair_batch(B=4, L=12, seed=0):
@@ -46,7 +47,9 @@ def test_dpo_at_the_reference_is_log2_and_no_gradient_reaches_the_reference():
     batch = _pair_batch()
     cfg = PreferenceConfig(beta=0.1)
     loss, metrics = preference.dpo_loss_fn(params, ref, batch, model=model, cfg=cfg)
-    np.testing.assert_allclose(loss, math.log(2), rtol=1e-6)
+    # Departs from the rule on purpose (tighter): policy and reference are the same parameters through the
+    # same ops, so h = 0 exactly and only the float32 rounding of log σ(0) is left (~1 ulp of log 2).
+    assert_close(loss, math.log(2), 1e-6)
     g_ref = jax.grad(lambda r: preference.dpo_loss_fn(params, r, batch, model=model, cfg=cfg)[0])(ref)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(g_ref))
     g_policy = jax.grad(lambda p: preference.dpo_loss_fn(p, ref, batch, model=model, cfg=cfg)[0])(params)
@@ -55,29 +58,17 @@ def test_dpo_at_the_reference_is_log2_and_no_gradient_reaches_the_reference():
     c, r = preference.reference_logps(model, ref, batch)
     cached = {**batch, "ref_chosen_logps": c, "ref_rejected_logps": r}
     loss_cached, _ = preference.dpo_loss_fn(params, None, cached, model=model, cfg=cfg)
-    np.testing.assert_allclose(loss_cached, loss, rtol=1e-6)
+    assert_close(loss_cached, loss, F32_DEEP)  # a batch's loss through the model, by another route
     g = jax.grad(lambda cc: preference.dpo_loss_fn(params, None, {**cached, "ref_chosen_logps": cc}, model=model,
                                                    cfg=cfg)[0])(c)
     assert float(jnp.abs(g).max()) == 0.0
-
-
-def _clear_preferences(path, n=400):
-    """Chosen praises, rejected complains: a preference a tiny model can learn in a few dozen steps."""
-    nouns = ["pasta", "staff", "phone", "movie", "room", "soup", "screen", "plot"]
-    good, bad = ["great", "lovely", "excellent", "superb"], ["awful", "terrible", "rude", "boring"]
-    with open(path, "w") as f:
-        for i in range(n):
-            noun = nouns[i % len(nouns)]
-            f.write(json.dumps({"prompt": "Review:", "chosen": f" The {noun} was {good[i % 4]}.",
-                                "rejected": f" The {noun} was {bad[(i // 4) % 4]}."}) + "\n")
-    return str(path)
 
 
 @pytest.mark.slow
 def test_reward_model_learns_the_preference_and_saves_its_reward_stats(make_config, pretrained, tmp_path):
     config = make_config(train=dict(phase="reward", steps=60, log_every=10, eval_every=60, eval_batches=4,
                                     checkpoint_every=60, init_from=str(pretrained)),
-                         data=dict(source=_clear_preferences(tmp_path / "prefs.jsonl"), pack=False, buckets=(32,),
+                         data=dict(source=clear_preferences(tmp_path / "prefs.jsonl"), pack=False, buckets=(32,),
                                    seq_len=32, eval_rows=40),
                          optimizer=dict(learning_rate=2e-3))
     result = loop.run(config, tmp_path)
@@ -98,15 +89,16 @@ def test_dpo_starts_at_log2_its_loss_falls_and_cached_reference_matches(make_con
     def run(name, **pref):
         config = make_config(train=dict(phase="dpo", steps=12, log_every=1, eval_every=0, checkpoint_every=12,
                                         init_from=str(pretrained)),
-                             data=dict(source=_clear_preferences(tmp_path / "prefs.jsonl"), pack=False,
+                             data=dict(source=clear_preferences(tmp_path / "prefs.jsonl"), pack=False,
                                        buckets=(32,), seq_len=32, eval_rows=40),
                              optimizer=dict(learning_rate=1e-3, warmup_steps=0), preference=pref)
         return loop.run(config, tmp_path / name)
 
     per_batch = run("per_batch", beta=0.5)
     losses = [h["loss"] for h in per_batch.history if "loss" in h]
-    np.testing.assert_allclose(losses[0], math.log(2), rtol=1e-5)
+    assert_close(losses[0], math.log(2), F32_DEEP)  # policy = reference at step 0: a batch's loss
     assert np.mean(losses[-3:]) < losses[0] - 0.05, losses
     cached = run("cached", beta=0.5, precompute_ref=True)
     assert (tmp_path / "cached" / "ref_logps_train.npz").exists()
-    np.testing.assert_allclose([h["loss"] for h in cached.history if "loss" in h], losses, rtol=2e-4, atol=2e-5)
+    assert_close(np.array([h["loss"] for h in cached.history if "loss" in h]), np.array(losses), F32_DEEP,
+                 what="cached-reference losses")
