@@ -14,8 +14,7 @@ Remat = Literal["none", "full", "save_dots"]
 Attention = Literal["einsum", "xla", "cudnn"]
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the field to change."""
+from pjlm.errors import ConfigError  # noqa: E402  (re-exported: pjlm.config.ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,27 +187,27 @@ class OptimizerConfig:
     """AdamW with warmup and decay, global-norm clipping, masked weight decay, gradient accumulation."""
 
     learning_rate: float = 3e-4
-    """Peak learning rate, reached after `warmup_steps`."""
+    """Peak learning rate, reached after `warmup_steps`; > 0."""
     warmup_steps: int = 100
-    """Linear warmup from 0."""
+    """Linear warmup from 0; ≥ 0."""
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay from the peak to `min_lr_ratio`·peak over the rest of the run."""
     min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of the peak."""
+    """Final learning rate as a fraction of the peak; in [0, 1]."""
     b1: float = 0.9
-    """Adam β1."""
+    """Adam β1; in [0, 1)."""
     b2: float = 0.95
-    """Adam β2."""
+    """Adam β2; in [0, 1)."""
     eps: float = 1e-8
-    """Adam ε."""
+    """Adam ε; > 0."""
     weight_decay: float = 0.1
-    """Decoupled weight decay; never applied to norms and biases."""
+    """Decoupled weight decay, ≥ 0; never applied to norms and biases."""
     decay_embeddings: bool = False
     """Also decay the embedding table (and the untied output head)."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = off)."""
+    """Clip the global gradient norm to this; ≥ 0 (0 = off)."""
     grad_accum: int = 1
-    """Micro-batches per step; the step's batch is split k ways and the gradients are exact."""
+    """Micro-batches per step, ≥ 1; the step's batch is split k ways and the gradients are exact."""
     state_dtype: Literal["float32", "bfloat16"] = "float32"
     """Storage dtype of Adam's moments (bfloat16 for memory and like-for-like benchmarks)."""
 
@@ -225,24 +224,25 @@ class DataConfig:
     eval_source: Optional[str] = None
     """Held-out data; None holds out the last `eval_rows` rows of `source`."""
     eval_rows: int = 500
-    """Rows held out of `source` when there is no `eval_source`."""
+    """Rows held out of `source` when there is no `eval_source`; ≥ 0 (0 = none)."""
     synthetic_docs: int = 20000
-    """Documents of the built-in corpus."""
+    """Documents of the built-in corpus; ≥ 1."""
     tokenizer: Optional[str] = None
     """A `.model`, `tokenizer.json` or directory; None: the run's saved tokenizer, else `init_from`'s,
     else a sentencepiece BPE trained on the training data."""
     tokenizer_vocab_size: int = 2048
-    """Vocabulary of a tokenizer trained here."""
+    """Vocabulary of a tokenizer trained here; ≥ 265 (256 byte pieces, 4 special tokens, 4 chat markers, and
+    one more), and at most what the corpus can fill."""
     seq_len: int = 256
-    """Packed row length (pre-training) and the longest SFT row."""
+    """Packed row length (pre-training) and the longest SFT row; ≥ 2."""
     pack: bool = True
     """Pack several documents/examples per row; False pads one example per row to `buckets`."""
     buckets: tuple[int, ...] = ()
-    """Padded lengths for unpacked rows; each is one compile. Empty means (seq_len,)."""
+    """Padded lengths for unpacked rows, each ≥ 2; each is one compile. Empty means (seq_len,)."""
     max_prompt_len: Optional[int] = None
-    """Prompt tokens kept (its end) when a row is too long; None = seq_len // 2."""
+    """Prompt tokens kept (its end) when a row is too long, ≥ 1; None = seq_len // 2."""
     batch_size: int = 32
-    """Global batch size in rows; a multiple of the mesh's data×fsdp."""
+    """Global batch size in rows, ≥ 1; a multiple of the mesh's data×fsdp."""
     seed: int = 0
     """Seeds the batch order (with epoch and step)."""
     on_error: Literal["raise", "skip"] = "raise"
@@ -256,24 +256,31 @@ class TrainConfig:
     phase: Literal["pretrain", "sft", "reward", "dpo", "ppo"] = "pretrain"
     """Which step to run."""
     steps: int = 1000
-    """Total optimizer steps."""
+    """Total optimizer steps; ≥ 1."""
     log_every: int = 10
-    """Pull and write metrics every N steps."""
+    """Pull and write metrics every N steps; ≥ 1."""
     eval_every: int = 200
-    """Held-out loss/perplexity every N steps (0 = never)."""
+    """Held-out loss/perplexity every N steps; ≥ 0 (0 = never)."""
     eval_batches: int = 4
-    """Batches per evaluation."""
+    """Batches per evaluation; ≥ 1."""
     checkpoint_every: int = 200
-    """Save every N steps (and at the end, and on SIGTERM)."""
+    """Save every N steps (and at the end, and on SIGTERM/SIGINT); ≥ 1."""
     keep_checkpoints: int = 3
-    """Checkpoints kept on disk."""
+    """Checkpoints kept on disk; ≥ 1."""
     init_from: Optional[str] = None
     """A work directory (its latest checkpoint) or a checkpoint step directory whose parameters
-    start this run; the optimizer starts fresh. Ignored when the run resumes from its own checkpoint."""
+    start this run; the optimizer starts fresh. A work directory is resolved to its latest step at the
+    run's first start and pinned there for every resume (see `pjlm.train.rundir`)."""
     seed: int = 0
     """Seeds parameter initialisation and the step RNG."""
     logprob_chunk: int = 0
-    """Compute log-probs this many vocabulary entries at a time (0 = full logits)."""
+    """Compute log-probs this many vocabulary entries at a time; ≥ 0 (0 = full logits)."""
+    resume_step: Optional[int] = None
+    """Resume from this saved step instead of the newest good one (later checkpoints are moved aside to
+    `checkpoints_superseded/`, never deleted); ≥ 1 or None."""
+    lease_timeout_s: float = 300.0
+    """A run refreshes its lease on the work directory every tenth of this; a lease older than this is
+    stale and a new run takes it over (> 0 seconds)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,11 +288,12 @@ class LoraConfig:
     """Low-rank adapters W' = W + (α/r)·A·B on the kernels whose paths match `targets`."""
 
     rank: int = 8
-    """r."""
+    """r; ≥ 1."""
     alpha: float = 16.0
-    """α; the update is scaled by α/r."""
+    """α, > 0; the update is scaled by α/r."""
     targets: tuple[str, ...] = (r"attn/(q|k|v|o)/kernel", r"mlp/(gate|up|down)/kernel")
-    """Regular expressions searched in '/'-joined parameter paths (e.g. layers/attn/q/kernel)."""
+    """Regular expressions searched in '/'-joined parameter paths (e.g. layers/attn/q/kernel); at least
+    one, and each must match a kernel."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,24 +301,24 @@ class PreferenceConfig:
     """Reward-model and DPO-family settings."""
 
     beta: float = 0.1
-    """KL strength β: DPO's inverse temperature on the implicit reward."""
+    """KL strength β > 0: DPO's inverse temperature on the implicit reward."""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = "sigmoid"
     """DPO-family loss (see `pjlm.losses.dpo_loss`)."""
     label_smoothing: float = 0.0
-    """ε: conservative DPO's smoothing (sigmoid) or the assumed label-flip rate (robust)."""
+    """ε in [0, 0.5): conservative DPO's smoothing (sigmoid) or the assumed label-flip rate (robust)."""
     simpo_gamma: float = 0.0
-    """SimPO's target reward margin γ."""
+    """SimPO's target reward margin γ; ≥ 0."""
     ipo_length_normalize: bool = True
     """IPO on per-token (length-normalised) log-probs rather than summed ones."""
     nll_coef: float = 0.0
-    """Weight of an NLL term on the chosen response."""
+    """Weight of an NLL term on the chosen response; ≥ 0."""
     precompute_ref: bool = False
     """Compute the reference log-probs once over the dataset before training and cache them in the work
     directory by example_id (then the reference model is not kept in memory)."""
     reward_margin: float = 0.0
-    """Reward model: required margin in −log σ(r_w − r_l − margin)."""
+    """Reward model: required margin in −log σ(r_w − r_l − margin); ≥ 0."""
     center_coef: float = 0.0
-    """Reward model: weight of (r_w + r_l)², keeping rewards centred."""
+    """Reward model: weight of (r_w + r_l)², keeping rewards centred; ≥ 0."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,36 +332,36 @@ class PPOConfig:
     regex:w:pattern=..., eos_penalty:w:penalty=1. With --set, comma-separated, or a JSON list when a
     pattern holds a comma."""
     group_size: int = 1
-    """Samples per prompt (RLOO/GRPO need ≥ 2); a rollout is data.batch_size prompts × group_size.
+    """Samples per prompt, ≥ 1 (RLOO/GRPO need ≥ 2); a rollout is data.batch_size prompts × group_size.
     Prompts longer than data.max_prompt_len are cut from the left (and counted)."""
     max_new_tokens: int = 48
-    """Response budget; a response that never emits EOS still trains (see rewards' eos_penalty)."""
+    """Response budget, ≥ 1; a response that never emits EOS still trains (see rewards' eos_penalty)."""
     temperature: float = 1.0
-    """Sampling temperature; policy, old-policy and reference log-probs are all taken at it."""
+    """Sampling temperature, > 0; policy, old-policy and reference log-probs are all taken at it."""
     epochs: int = 2
-    """Passes over each rollout."""
+    """Passes over each rollout; ≥ 1."""
     minibatches: int = 2
-    """Minibatches per pass."""
+    """Minibatches per pass; ≥ 1."""
     clip: float = 0.2
-    """PPO ratio clip ε."""
+    """PPO ratio clip ε; > 0."""
     value_clip: float = 0.2
-    """Value clip around the rollout's values."""
+    """Value clip around the rollout's values; > 0."""
     value_coef: float = 0.5
-    """Weight of the value loss (its own optimizer; the weight scales its gradient)."""
+    """Weight of the value loss, ≥ 0 (its own optimizer; the weight scales its gradient)."""
     entropy_coef: float = 0.0
-    """Entropy bonus weight."""
+    """Entropy bonus weight; ≥ 0."""
     gamma: float = 1.0
-    """Discount."""
+    """Discount; in [0, 1]."""
     lam: float = 0.95
-    """GAE λ."""
+    """GAE λ; in [0, 1]."""
     kl_kind: Literal["k1", "k2", "k3"] = "k1"
     """Per-token KL estimator in the reward."""
     kl_coef: float = 0.05
-    """β (initial β when adaptive)."""
+    """β, ≥ 0 (initial β when adaptive; 0 = no KL penalty)."""
     kl_target: Optional[float] = None
-    """Adaptive controller's target sequence KL (Ziegler et al. 2019); None keeps β fixed."""
+    """Adaptive controller's target sequence KL (Ziegler et al. 2019), > 0; None keeps β fixed."""
     kl_horizon: int = 10000
-    """Adaptive controller's horizon, in samples."""
+    """Adaptive controller's horizon, in samples; ≥ 1."""
     advantage: Literal["gae", "rloo", "grpo"] = "gae"
     """gae uses the value model; rloo and grpo a group baseline (no critic)."""
     whiten_advantages: bool = True
@@ -382,16 +390,22 @@ class Config:
     """RLHF settings (phase ppo)."""
 
     def validate(self) -> "Config":
+        """Every field in its range (`pjlm.config_rules.RANGES`) and the fields consistent with each
+        other; a ConfigError names the field and what is accepted."""
+        from pjlm.config_rules import check_ranges
+
         self.model.validate()
+        check_ranges(self)
         if self.optimizer.grad_accum > 1 and self.train.phase not in ("pretrain", "sft"):
             raise ConfigError(f"optimizer.grad_accum > 1 is implemented for pretrain and sft only, not "
                               f"train.phase={self.train.phase}; lower data.batch_size instead")
         if self.optimizer.grad_accum < 1 or self.data.batch_size % self.optimizer.grad_accum:
             raise ConfigError(f"data.batch_size={self.data.batch_size} is not divisible by "
                               f"optimizer.grad_accum={self.optimizer.grad_accum}")
-        for name in ("steps", "log_every", "checkpoint_every"):
-            if getattr(self.train, name) <= 0:
-                raise ConfigError(f"train.{name} must be positive")
+        if self.train.phase == "ppo" and not self.ppo.reward_model and any(
+                r.split(":", 1)[0] == "model" for r in self.ppo.rewards):
+            raise ConfigError("ppo.rewards has a 'model' component but ppo.reward_model is not set; set it to a "
+                              "reward-model run's work directory, or use rule-based rewards only (e.g. vader:1.0)")
         longest = max((self.data.seq_len, *self.data.buckets))
         if longest > self.model.max_len:
             raise ConfigError(f"data.seq_len / data.buckets reach {longest}, beyond model.max_len="
