@@ -355,7 +355,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--text-field", default="text", help="the corpus column holding the review text")
     parser.add_argument("--split", default="train", help="the Hub dataset's split(s), e.g. train+test")
     args = parser.parse_args(argv)
-    results = run_pipeline(args.workdir, args.scale, args.corpus, args.text_field, args.split)
+    from pjlm.errors import PjlmError, Preempted
+
+    try:
+        results = run_pipeline(args.workdir, args.scale, args.corpus, args.text_field, args.split)
+    except Preempted as e:  # the phase saved; no later phase starts on it. Re-running resumes it.
+        print(f"[sentiment] {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except PjlmError as e:
+        print(f"[sentiment] error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(results["summary"], indent=2, ensure_ascii=False))
     print(f"[sentiment] report: {args.workdir / 'report.md'}", file=sys.stderr)
 

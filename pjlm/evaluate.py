@@ -91,6 +91,12 @@ def _restore(path: Path, target: Any) -> Any:
     return params
 
 
+def base_checkpoint(meta: dict) -> Optional[str]:
+    """The checkpoint a run started from: `train.init_from` as pinned at its first start (older runs:
+    as configured)."""
+    return (meta.get("pinned") or {}).get("train.init_from") or meta["config"]["train"]["init_from"]
+
+
 def load_policy(checkpoint: str | Path, mesh: Optional[Any] = None) -> tuple[Transformer, Any, Config]:
     """The language model, its parameters and its run's config from a checkpoint of any phase that
     trains a policy (pretrain, sft, dpo: the params item; ppo: its `policy` entry). Under LoRA the
@@ -98,7 +104,8 @@ def load_policy(checkpoint: str | Path, mesh: Optional[Any] = None) -> tuple[Tra
     directory (its latest step) or one step's folder. Params are replicated over `mesh` (default: all
     local devices on the data axis)."""
     directory, step = ckpt_lib.resolve_checkpoint(checkpoint)
-    config = from_dict(Config, ckpt_lib.read_meta(directory, step)["config"])
+    meta = ckpt_lib.read_meta(directory, step)
+    config = from_dict(Config, meta["config"])
     mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
     model = Transformer(config.model)
     if config.lora is None:
@@ -114,7 +121,7 @@ def load_policy(checkpoint: str | Path, mesh: Optional[Any] = None) -> tuple[Tra
     else:
         params = _restore(directory / str(step), policy)
     if config.lora is not None:
-        _, base, _ = load_policy(config.train.init_from, mesh)
+        _, base, _ = load_policy(base_checkpoint(meta), mesh)
         params = jax.jit(lambda p, f: lora.apply_params(p, f, config.lora))(params, base)
     return model, params, config
 

@@ -65,15 +65,13 @@ def parse_mesh(spec: str):
 
 
 def _report_errors(fn):
-    """Checkpoint and file errors become one line on stderr and exit status 2 (config errors are
-    reported by `pjlm.cli.main`)."""
+    """A missing file becomes one line on stderr and exit status 2 (pjlm's own errors are reported
+    the same way by `pjlm.cli.main`)."""
     def wrapped(args: argparse.Namespace) -> int:
-        from pjlm.checkpoint import CheckpointError
-
         try:
             return fn(args)
-        except (CheckpointError, FileNotFoundError) as e:
-            print(f"pjlm {args.command}: {e}", file=sys.stderr)
+        except FileNotFoundError as e:
+            print(f"pjlm {args.command}: error: {e}", file=sys.stderr)
             return 2
     return wrapped
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from pjlm import checkpoint as ckpt_lib
-from pjlm import sharding
+from pjlm import hf_files, sharding
 from pjlm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict, to_dict
 from pjlm.data.tokenizer import Tokenizer, load_tokenizer
 from pjlm.hf import config_from_hf
@@ -54,6 +54,9 @@ def import_checkpoint(src: str | Path, dst: str | Path, *, dtype: str = "float32
     checkpoints = dst / "checkpoints"
     if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
         raise ckpt_lib.CheckpointError(f"{dst} already holds a checkpoint; import into a new directory")
+    for name in TOKENIZER_FILES:  # the tokenizer, like the weights, is read only from inside `src`
+        if (src / name).exists() or (src / name).is_symlink():
+            hf_files.inside(src, name, str(src / name))
     model, params = load(src, dtype=dtype, mesh=mesh)
     dst.mkdir(parents=True, exist_ok=True)
     tokenizer = write_tokenizer(src, dst) if directory_tokenizer(src) is not None else None
@@ -123,9 +126,11 @@ def _load_adapters(config: Config, step_dir: Path, mesh: jax.sharding.Mesh, abst
     return params["lora"]
 
 
-def _load_base(config: Config, abstract: Any, shardings: Any) -> Any:
-    """The frozen base of a LoRA run: `train.init_from`'s parameters (as stored in the run's config)."""
-    source = config.train.init_from
+def _load_base(meta: dict, abstract: Any, shardings: Any) -> Any:
+    """The frozen base of a LoRA run: `train.init_from`'s parameters, at the step the run pinned."""
+    from pjlm.evaluate import base_checkpoint
+
+    source = base_checkpoint(meta)
     if not source:
         raise ckpt_lib.CheckpointError("the LoRA run's config has no train.init_from, so its base model is unknown")
     try:
@@ -154,7 +159,7 @@ def export_merged(workdir: str | Path, out: str | Path, *, dtype: str = "float32
 
     workdir, directory, step, meta, config, mesh, abstract, shardings = _open_run(workdir, "merge", mesh)
     adapters = _load_adapters(config, directory / str(step), mesh, abstract)
-    base = _load_base(config, abstract, shardings)
+    base = _load_base(meta, abstract, shardings)
     params = lora.merge(base, adapters, config.lora)
     tokenizer = _find_tokenizer(config, workdir, directory, meta)
     return save(params, config.model, out, dtype=dtype, model_type=model_type, max_shard_size=max_shard_size,

@@ -253,6 +253,34 @@ class MetricWriter:
         self.close()
 
 
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
+
+
+def truncate_metrics(workdir: str | os.PathLike, step: int) -> int:
+    """Before a resume from checkpoint `step`: drop the rows of `metrics.jsonl` logged after it (the
+    resumed run logs those steps again), moving them to `metrics.superseded.jsonl` so nothing is lost;
+    a truncated last line goes with them. Returns how many rows were moved."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            later = int(json.loads(line)["step"]) > step
+        except (ValueError, KeyError, TypeError):
+            later = True
+        (moved if later else keep).append(line)
+    if moved:
+        with open(Path(workdir) / SUPERSEDED_FILE, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"resumed_from": step, "row": row}) + "\n" for row in moved))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(row + "\n" for row in keep), encoding="utf-8")
+        os.replace(tmp, path)
+    return len(moved)
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of `workdir/metrics.jsonl`, in order. A truncated last line (a crash in the
     middle of a write) is skipped; a malformed line anywhere else raises."""

@@ -10,6 +10,7 @@ from pjlm import checkpoint as ckpt_lib
 from pjlm import evaluate
 from pjlm.data.pipeline import saved_tokenizer
 from pjlm.data.tokenizer import Tokenizer, load_tokenizer
+from pjlm.errors import ConfigError
 from pjlm.model import Transformer
 
 
@@ -37,7 +38,8 @@ def sample_text(model: Transformer, params: Any, tokenizer: Tokenizer, prompt: s
     prompt_len = len(tokenizer.encode(prompt)) + (tokenizer.bos_id is not None)
     room = model.config.max_len - prompt_len
     if room <= 0:
-        raise ValueError(f"the prompt has {prompt_len} tokens, no room under model.max_len={model.config.max_len}")
+        raise ConfigError(f"the prompt has {prompt_len} tokens, no room under model.max_len={model.config.max_len}; "
+                          "shorten --prompt")
     drawn = evaluate.sample(model, params, tokenizer, [prompt], samples_per_prompt=n,
                             max_new_tokens=min(max_new_tokens, room), temperature=temperature, seed=seed)
     return drawn["batch"].responses

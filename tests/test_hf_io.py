@@ -194,23 +194,34 @@ def test_import_then_export_from_the_command_line(kind, tmp_path):
 
 
 def test_an_import_starts_a_training_run(tmp_path):
-    """`train.init_from=<import>` takes its weights and its tokenizer (a learning rate of 0 keeps them)."""
+    """`train.init_from=<import>` takes its weights and its tokenizer (the state a run starts from is
+    the import, bit for bit)."""
     from pjlm.train import run
 
     _sentencepiece_source(tmp_path)
     assert cli.main(["import-hf", str(tmp_path / "src"), str(tmp_path / "base")]) == 0
-    config = tiny_config(train=dict(steps=1, eval_every=0, checkpoint_every=1, init_from=str(tmp_path / "base")),
-                         optimizer=dict(learning_rate=0.0))
-    result = run(dataclasses.replace(config, model=hf.model_config_of(tmp_path / "base")), tmp_path / "run")
+    config = tiny_config(train=dict(steps=1, eval_every=0, checkpoint_every=1, init_from=str(tmp_path / "base")))
+    config = dataclasses.replace(config, model=hf.model_config_of(tmp_path / "base"))
+    run(config, tmp_path / "run")
     assert hf.load_tokenizer(tmp_path / "run").fingerprint() == hf.load_tokenizer(tmp_path / "src").fingerprint()
     _, params = hf.load(tmp_path / "src")
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                           result.state.params, params)
+                           _starting_params(config, tmp_path / "fresh"), params)
+
+
+def _starting_params(config, workdir):
+    """The parameters a run of `config` starts from (its `init_from`'s, loaded onto the run's mesh)."""
+    from pjlm import checkpoint as ckpt_lib
+    from pjlm.train import loop
+
+    r = loop.setup(config, workdir)
+    state, _ = loop.create_or_restore(r, ckpt_lib.Checkpointer(workdir / "checkpoints"))
+    return state.params
 
 
 def test_an_import_with_padded_embeddings_trains_samples_and_refuses_a_bigger_tokenizer(tmp_path):
     """Qwen2-style checkpoints have more embedding rows than the tokenizer has ids: a run from one keeps
-    every row (bit for bit at learning rate 0) and never samples a padded id."""
+    every row (bit for bit in the state it starts from) and never samples a padded id."""
     from pjlm.config import ConfigError
     from pjlm.sample import load_for_sampling, sample_text
     from pjlm.train import run
@@ -220,14 +231,13 @@ def test_an_import_with_padded_embeddings_trains_samples_and_refuses_a_bigger_to
     hf_model("llama", vocab_size=rows).save_pretrained(tmp_path / "src")
     tok.save(tmp_path / "src" / "tokenizer.model")
     assert cli.main(["import-hf", str(tmp_path / "src"), str(tmp_path / "base")]) == 0
-    config = tiny_config(train=dict(steps=1, eval_every=0, checkpoint_every=1, init_from=str(tmp_path / "base")),
-                         optimizer=dict(learning_rate=0.0))
+    config = tiny_config(train=dict(steps=1, eval_every=0, checkpoint_every=1, init_from=str(tmp_path / "base")))
     config = dataclasses.replace(config, model=hf.model_config_of(tmp_path / "base"))
     result = run(config, tmp_path / "run")
     assert result.state.params["embed"]["embedding"].shape[0] == rows
     _, params = hf.load(tmp_path / "src")
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                           result.state.params, params)
+                           _starting_params(config, tmp_path / "fresh"), params)
     model, params, tokenizer = load_for_sampling(tmp_path / "run")
     assert model.config.vocab_size == rows and tokenizer.vocab_size == tok.vocab_size
     assert all(isinstance(t, str) for t in sample_text(model, params, tokenizer, "The", max_new_tokens=8, n=8))

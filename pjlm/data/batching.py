@@ -22,6 +22,7 @@ import datasets
 import numpy as np
 
 from pjlm.data.tokenizer import Tokenizer
+from pjlm.errors import DataError
 
 _INT_LIST = datasets.Sequence(datasets.Value("int32"))
 
@@ -152,8 +153,8 @@ def pack(ds: datasets.Dataset, seq_len: int, *, split_documents: bool = True, pa
         for ids, mask in zip(batch["ids"], masks):
             mask = mask if mask is not None else [1] * len(ids)
             if not split_documents and len(ids) > seq_len:
-                raise ValueError(f"a row of {len(ids)} tokens does not fit seq_len={seq_len}; tokenize with "
-                                 f"max_len <= {seq_len}")
+                raise DataError(f"a row of {len(ids)} tokens does not fit seq_len={seq_len}; tokenize with "
+                                f"max_len <= {seq_len}")
             start = 0
             while start < len(ids):
                 room = seq_len - fill
@@ -195,6 +196,6 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, example_ids: np.ndarray
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
         value = int(tokens[bad][0])
-        raise ValueError(f"token id {value} in example {int(example_ids[row])} is outside the model's vocabulary "
-                         f"of {vocab_size}; the tokenizer and the model disagree — set model.vocab_size to the "
-                         "tokenizer's vocab_size")
+        raise DataError(f"token id {value} in example {int(example_ids[row])} is outside the model's vocabulary "
+                        f"of {vocab_size}; the tokenizer and the model disagree — set model.vocab_size to the "
+                        "tokenizer's vocab_size")

@@ -22,6 +22,7 @@ import datasets
 import numpy as np
 
 from pjlm.data.batching import check_token_ids
+from pjlm.errors import ConfigError, DataError
 
 KINDS = ("packed", "sft", "preference", "prompts")
 
@@ -42,21 +43,21 @@ class Batcher:
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r}; choose one of {', '.join(KINDS)}")
         if self.global_batch_size % self.process_count:
-            raise ValueError(f"batch_size {self.global_batch_size} is not divisible by the {self.process_count} "
-                             f"processes; set batch_size to a multiple of {self.process_count}")
+            raise ConfigError(f"data.batch_size={self.global_batch_size} is not divisible by the {self.process_count} "
+                              f"processes; set data.batch_size to a multiple of {self.process_count}")
         if len(self.ds) < self.global_batch_size:
-            raise ValueError(f"the dataset has {len(self.ds)} rows, fewer than one batch of "
-                             f"{self.global_batch_size}; lower batch_size or add data")
+            raise DataError(f"the dataset has {len(self.ds)} rows, fewer than one batch of "
+                            f"{self.global_batch_size}; lower data.batch_size or add data")
         self.steps_per_epoch = len(self.ds) // self.global_batch_size
         self._rows = self.ds.with_format("numpy")
         self._lengths = None if self.kind == "packed" else np.asarray(self.ds["length"], np.int64)
         if self.kind != "packed":
             self.buckets = tuple(sorted(self.buckets))
             if not self.buckets:
-                raise ValueError(f"kind={self.kind!r} needs length buckets, e.g. buckets=(128, 256, 512)")
+                raise ConfigError(f"kind={self.kind!r} needs length buckets, e.g. data.buckets=(128, 256, 512)")
             if self._lengths.max() > self.buckets[-1]:
-                raise ValueError(f"a row of {self._lengths.max()} tokens exceeds the largest bucket "
-                                 f"{self.buckets[-1]}; tokenize with max_len <= {self.buckets[-1]}")
+                raise DataError(f"a row of {self._lengths.max()} tokens exceeds the largest bucket "
+                                f"{self.buckets[-1]}; tokenize with max_len <= {self.buckets[-1]}")
         self._perm_epoch, self._perm = -1, None
 
     def global_indices(self, step: int) -> np.ndarray:
@@ -108,8 +109,8 @@ class Batcher:
                 check_token_ids(out[side]["tokens"], self.vocab_size, idx)
                 empty = np.flatnonzero(out[side]["segment_ids"].sum(axis=1) == 0)
                 if len(empty):
-                    raise ValueError(f"example {int(idx[empty[0]])} has no real token in its {side} sequence; "
-                                     "drop it from the data")
+                    raise DataError(f"example {int(idx[empty[0]])} has no real token in its {side} sequence; "
+                                    "drop it from the data")
             out["example_id"] = idx.astype(np.int32)
             return out
         tokens = np.full((len(idx), L), self.pad_id, np.int32)

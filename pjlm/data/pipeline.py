@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +13,7 @@ from pjlm.config import DataConfig
 from pjlm.data import batching, sources, synthetic
 from pjlm.data.loader import Batcher
 from pjlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
+from pjlm.errors import CheckpointError, ConfigError, DataError
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")
@@ -50,25 +52,31 @@ def synthetic_rows(phase: str, n_docs: int, seed: int = 0) -> datasets.Dataset:
 
 
 def load_rows(cfg: DataConfig, phase: str) -> tuple[datasets.Dataset, Optional[datasets.Dataset], str, dict]:
-    """Normalised train and held-out rows, the schema, and the normalisation stats."""
+    """Normalised train and held-out rows, the schema, and the normalisation stats (with
+    `on_error="skip"`, "skipped" counts every dropped line and row; see `sources.normalize`)."""
     schema = cfg.schema or _SCHEMA_OF_PHASE.get(phase)
     if cfg.source == "synthetic":
-        raw = synthetic_rows(phase, cfg.synthetic_docs, cfg.seed)
+        rows, stats = sources.normalize(synthetic_rows(phase, cfg.synthetic_docs, cfg.seed), schema,
+                                        on_error=cfg.on_error, source="synthetic")
     else:
-        raw = sources.load_source([s.strip() for s in cfg.source.split(",")])
-    rows, stats = sources.normalize(raw, schema, on_error=cfg.on_error)
+        rows, stats = _read_normalized(cfg.source, schema, cfg.on_error)
     if cfg.eval_source:
-        eval_rows, _ = sources.normalize(sources.load_source([s.strip() for s in cfg.eval_source.split(",")]),
-                                         stats["schema"], on_error=cfg.on_error)
+        eval_rows, _ = _read_normalized(cfg.eval_source, stats["schema"], cfg.on_error)
     elif cfg.eval_rows > 0:
         if len(rows) <= cfg.eval_rows:
-            raise ValueError(f"data.eval_rows={cfg.eval_rows} leaves no training rows out of {len(rows)}; "
-                             "lower it or set data.eval_source")
+            raise DataError(f"data.eval_rows={cfg.eval_rows} leaves no training rows: data.source {cfg.source} has "
+                            f"{len(rows)} usable rows; lower data.eval_rows or set data.eval_source")
         eval_rows = rows.select(range(len(rows) - cfg.eval_rows, len(rows)))
         rows = rows.select(range(len(rows) - cfg.eval_rows))
     else:
         eval_rows = None
     return rows, eval_rows, stats["schema"], stats
+
+
+def _read_normalized(source: str, schema: Optional[str], on_error: str) -> tuple[datasets.Dataset, dict]:
+    """A comma-separated data.source read, checked and normalised; what reading dropped is counted."""
+    raw, skipped = sources.read_source([s.strip() for s in source.split(",")], on_error=on_error)
+    return sources.normalize(raw, schema, on_error=on_error, source=source, skipped=skipped)
 
 
 def _texts_for_tokenizer(rows: datasets.Dataset, schema: str, limit: int = 20000):
@@ -92,6 +100,18 @@ def saved_tokenizer(directory: Path) -> Optional[Path]:
     return next((directory / f for f in TOKENIZER_FILES if (directory / f).exists()), None)
 
 
+def _train_tokenizer(rows: datasets.Dataset, schema: str, vocab_size: int) -> Tokenizer:
+    """A sentencepiece BPE on the training rows; a vocabulary the corpus cannot fit names the field."""
+    try:
+        return SentencePieceTokenizer.train(_texts_for_tokenizer(rows, schema), vocab_size=vocab_size)
+    except RuntimeError as e:
+        found = re.search(r"(smaller than required_chars\. \d+ vs \d+|set it to a value <= \d+)", str(e))
+        if not found:
+            raise
+        raise ConfigError(f"data.tokenizer_vocab_size={vocab_size} does not fit this corpus (sentencepiece: "
+                          f"{found.group(1)}); change data.tokenizer_vocab_size, or set data.tokenizer") from e
+
+
 def get_tokenizer(cfg: DataConfig, workdir: Path, rows: datasets.Dataset, schema: str,
                   init_from: Optional[str] = None) -> Tokenizer:
     """The configured tokenizer; else the run's saved one; else `init_from`'s; else train one here.
@@ -99,13 +119,16 @@ def get_tokenizer(cfg: DataConfig, workdir: Path, rows: datasets.Dataset, schema
     special tokens), so a resumed run, `pjlm sample` and later phases find the same one."""
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
+        if saved_tokenizer(workdir) and load_tokenizer(workdir).fingerprint() != tokenizer.fingerprint():
+            raise CheckpointError(f"data.tokenizer={cfg.tokenizer} is not the tokenizer saved in {workdir} "
+                                  f"({saved_tokenizer(workdir).name}, which this run was started with); a run's "
+                                  "tokenizer is never replaced: drop data.tokenizer to resume, or use a new --workdir")
     elif saved_tokenizer(workdir):
         return load_tokenizer(workdir)
     elif init_from and saved_tokenizer(Path(init_from)):
         tokenizer = load_tokenizer(Path(init_from))  # its tokenizer.model, else its tokenizer.json
     else:
-        tokenizer = SentencePieceTokenizer.train(_texts_for_tokenizer(rows, schema),
-                                                 vocab_size=cfg.tokenizer_vocab_size)
+        tokenizer = _train_tokenizer(rows, schema, cfg.tokenizer_vocab_size)
     # Every process trains the same tokenizer (deterministic: same rows, one thread), so none has to
     # wait for another's file; only process 0 writes it.
     if jax.process_index() == 0 and not (saved_tokenizer(workdir) and

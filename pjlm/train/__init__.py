@@ -2,12 +2,13 @@
 one phase from Python exactly as `pjlm train` does from the shell."""
 
 
-def run(config, workdir):
-    """Run one phase in `workdir` (resuming from its latest checkpoint); see `pjlm.train.loop.run`."""
+def run(config, workdir, *, allow_config_change: bool = False):
+    """Run one phase in `workdir` (resuming from its newest intact checkpoint); see
+    `pjlm.train.loop.run`. Raises `pjlm.errors.Preempted` when stopped by a signal before the end."""
     if config.train.phase == "ppo":
         from pjlm.train.ppo import run as _ppo
 
-        return _ppo(config, workdir)
+        return _ppo(config, workdir, allow_config_change=allow_config_change)
     from pjlm.train.loop import run as _run
 
-    return _run(config, workdir)
+    return _run(config, workdir, allow_config_change=allow_config_change)

@@ -1,16 +1,19 @@
 """The training loop shared by every phase, proven on pre-training and SFT.
 
-mesh → data → create or restore the state → for each step: dispatch step t, then read step t−1's
-metrics (at log steps) → evaluate → checkpoint → on SIGTERM, save and return.
+lease the work directory → check the run's record → mesh → data → create or restore the state (the
+newest intact checkpoint) → for each step: dispatch step t, then read step t−1's metrics (at log
+steps) → evaluate → checkpoint → on SIGTERM/SIGINT, save and raise `Preempted`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -27,12 +30,11 @@ from pjlm import lora
 from pjlm.config import Config, ConfigError, LoraConfig, to_dict
 from pjlm.data import pipeline
 from pjlm.model import Transformer
-from pjlm.train import phases
+from pjlm.train import phases, rundir
 from pjlm.train.state import TrainState, make_optimizer
 
 
-class NonFiniteError(FloatingPointError):
-    """The loss or gradient norm became NaN/Inf; the message names the step and the last good checkpoint."""
+from pjlm.errors import NonFiniteError, Preempted  # noqa: E402  (re-exported)
 
 
 @dataclasses.dataclass
@@ -80,23 +82,34 @@ def abstract_state(model: Transformer, tx, mesh, lora_cfg: Optional[LoraConfig] 
 
 
 class _Preemption:
-    """SIGTERM sets a flag the loop checks after each step (then it saves and returns)."""
+    """SIGTERM or SIGINT sets a flag the loop checks after each step (then it saves and raises
+    `Preempted`). A second SIGINT interrupts at once, as Ctrl-C twice does."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum = 0
+        self._previous: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+        print(f"pjlm: {signal.Signals(signum).name} received; saving after this step", file=sys.stderr, flush=True)
+
+    def stop(self, step: int, steps: int, workdir: Path) -> None:
+        """Called after the preemption's checkpoint is on disk."""
+        raise Preempted(step, steps, workdir, self.signum)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 @dataclasses.dataclass
@@ -112,16 +125,28 @@ class _Run:
     tx: Any
     schedule: Any
     data_stats: dict
+    init_from: Optional[str] = None
+    """`train.init_from` pinned to the step folder it resolved to at the run's first start."""
+    reward_model: Optional[str] = None
+    """`ppo.reward_model`, pinned likewise."""
+    lease: Optional[rundir.Lease] = None
 
 
-def setup(config: Config, workdir: Path) -> _Run:
+def setup(config: Config, workdir: Path, pins: Optional[dict] = None) -> _Run:
+    """Mesh, data, tokenizer, model and optimizer of a run. `pins` (from the run's record) fix the
+    checkpoints it reads; without them they are resolved now."""
     sharding.maybe_initialize_distributed()
     config.validate()
+    if pins is None:
+        pins = {"train.init_from": rundir.pin_checkpoint(config.train.init_from),
+                "ppo.reward_model": rundir.pin_checkpoint(config.ppo.reward_model) if config.train.phase == "ppo"
+                else None}
+    init_from = rundir.check_pin("train.init_from", pins.get("train.init_from"))
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divides_mesh(config.data.batch_size, sharding.mesh_sizes(mesh), "data.batch_size")
     rows, eval_rows, schema, stats = pipeline.load_rows(config.data, config.train.phase)
     tokenizer = pipeline.get_tokenizer(config.data, workdir, rows, schema, config.train.init_from)
-    model_cfg = config.model.replace(vocab_size=_vocab_size(config, tokenizer))
+    model_cfg = config.model.replace(vocab_size=_vocab_size(init_from, tokenizer))
     config = dataclasses.replace(config, model=model_cfg)
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_batches, tok_stats = pipeline.make_batcher(rows, schema, config.data, tokenizer, model_cfg.vocab_size,
@@ -139,19 +164,20 @@ def setup(config: Config, workdir: Path) -> _Run:
                           "to the SFT run's work directory")
     model = Transformer(model_cfg, head=phases.model_head(config.train.phase))
     return _Run(config, workdir, mesh, model, tokenizer, train_batches, eval_batches, tx, schedule,
-                {**stats, **{f"tokenize_{k}": v for k, v in tok_stats.items()}})
+                {**stats, **{f"tokenize_{k}": v for k, v in tok_stats.items()}}, init_from,
+                rundir.check_pin("ppo.reward_model", pins.get("ppo.reward_model")))
 
 
-def _vocab_size(config: Config, tokenizer) -> int:
+def _vocab_size(init_from: Optional[str], tokenizer) -> int:
     """The tokenizer's vocabulary; or `init_from`'s embedding rows when that model has more (Qwen2-style
     checkpoints pad their embeddings past the tokenizer: the extra rows are kept, never fed, and
     never sampled)."""
-    if not config.train.init_from:
+    if not init_from:
         return tokenizer.vocab_size
-    rows = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(config.train.init_from))["config"]["model"]["vocab_size"]
+    rows = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(init_from))["config"]["model"]["vocab_size"]
     if rows < tokenizer.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but train.init_from="
-                          f"{config.train.init_from} has {rows} embedding rows; use the tokenizer it was "
+                          f"{init_from} has {rows} embedding rows; use the tokenizer it was "
                           "trained with (data.tokenizer)")
     return rows
 
@@ -163,7 +189,7 @@ def create_or_restore(run: _Run, checkpointer: ckpt_lib.Checkpointer) -> tuple[T
     if checkpointer.latest_step() is not None:
         abstract, shardings = abstract_state(run.model, run.tx, run.mesh, lora_cfg)
         target = ckpt_lib.abstract_like(abstract, shardings)
-        params, train, meta = checkpointer.restore(None, target.params, _train_item(target))
+        params, train, meta = restore_good(run, checkpointer, target.params, _train_item(target))
         _check_tokenizer(meta, run.tokenizer, checkpointer.directory)
         state = TrainState(step=train["step"], params=params, frozen=target.frozen, opt_state=train["opt_state"],
                            rng=train["rng"])
@@ -178,19 +204,34 @@ def create_or_restore(run: _Run, checkpointer: ckpt_lib.Checkpointer) -> tuple[T
     return state, shardings
 
 
+def restore_good(run: _Run, checkpointer: ckpt_lib.Checkpointer, params_target: Any, train_target: Any):
+    """The newest intact checkpoint (or `train.resume_step`), saying which were skipped and why."""
+    def skipped(line: str) -> None:
+        print(f"pjlm: {line}", file=sys.stderr, flush=True)
+
+    params, train, meta = checkpointer.restore_good(params_target, train_target, step=run.config.train.resume_step,
+                                                    on_skip=skipped)
+    if jax.process_index() == 0:
+        moved = metrics_lib.truncate_metrics(run.workdir, int(meta["step"]))
+        if moved:
+            skipped(f"resuming at step {meta['step']}: {moved} metric rows logged after it moved to "
+                    f"{metrics_lib.SUPERSEDED_FILE}")
+    return params, train, meta
+
+
 def _load_base(run: _Run, frozen: Any, frozen_shardings: Any) -> Any:
     """The LoRA base: `init_from`'s parameters for every non-head entry."""
     try:
         return load_init_params(run, frozen, frozen_shardings)
     except ckpt_lib.CheckpointError as e:
-        raise ckpt_lib.CheckpointError(f"the LoRA base at train.init_from={run.config.train.init_from} does not "
+        raise ckpt_lib.CheckpointError(f"the LoRA base at train.init_from={run.init_from} does not "
                                        f"fit this model (adapters are trained on one base): {e}") from e
 
 
 def load_init_params(run: _Run, fresh: Any, fresh_shardings: Any) -> Any:
     """`init_from`'s parameters onto the current mesh for every entry of `fresh` the language model
     has; new heads (e.g. a reward model's `score_head`) keep their fresh values."""
-    source = run.config.train.init_from
+    source = run.init_from
     _check_tokenizer(ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(source)), run.tokenizer, source)
     if not any(k in fresh for k in NEW_HEADS):
         params, _ = ckpt_lib.load_params(source, ckpt_lib.abstract_like(fresh, fresh_shardings))
@@ -216,7 +257,8 @@ def _check_tokenizer(meta: dict, tokenizer, where) -> None:
 
 def _meta(run: _Run, step: int, last_eval: Optional[dict] = None) -> dict:
     meta = {"config": to_dict(run.config), "step": step, "phase": run.config.train.phase,
-            "tokenizer": run.tokenizer.fingerprint(), "git_revision": git_revision(), "eval": last_eval or {}}
+            "tokenizer": run.tokenizer.fingerprint(), "git_revision": git_revision(), "eval": last_eval or {},
+            "pinned": {"train.init_from": run.init_from, "ppo.reward_model": run.reward_model}}
     if last_eval and "eval_reward_mean" in last_eval:  # RL normalises the reward model's scores with these
         meta["reward_stats"] = {"mean": last_eval["eval_reward_mean"], "std": last_eval["eval_reward_std"]}
     return meta
@@ -253,21 +295,43 @@ def evaluate(run: _Run, phase: phases.Phase, state: TrainState) -> dict:
     return phase.finalize_eval(sums)
 
 
-def run(config: Config, workdir: str | Path) -> RunResult:
-    """Run one phase in `workdir`, resuming from its latest checkpoint; returns the final state and
-    the logged metrics. Safe to call more than once in a process (e.g. from a notebook)."""
+@contextlib.contextmanager
+def open_run(config: Config, workdir: str | Path, *, allow_config_change: bool = False):
+    """`with open_run(config, workdir) as (run, checkpointer):` — the work directory leased to this
+    run, its record (`run.json`) created or checked against `config`, the run set up with the pinned
+    checkpoints, `config.json` and `data_stats.json` written. Every phase's loop starts here."""
     workdir = Path(workdir).absolute()
-    r = setup(config, workdir)
+    sharding.maybe_initialize_distributed()
+    config.validate()
     is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(_meta(r, 0), indent=2, default=str))
-        (workdir / "data_stats.json").write_text(json.dumps(r.data_stats, indent=2, default=str))
-    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=r.config.train.keep_checkpoints)
-    try:
-        return _train(r, checkpointer, is_main)
-    finally:
-        checkpointer.close()
+    with rundir.Lease(workdir, config.train.lease_timeout_s, enabled=is_main) as lease:
+        has_checkpoint = bool(ckpt_lib.checkpoint_steps(workdir / "checkpoints"))
+        record = rundir.RunRecord.open(workdir, config, has_checkpoint=has_checkpoint,
+                                       allow_config_change=allow_config_change, is_main=is_main)
+        r = setup(config, workdir, record.pins)
+        r.lease = lease
+        record.check_fingerprints(r.tokenizer.fingerprint(), rundir.data_fingerprint(config.data),
+                                  allow_config_change)
+        if is_main:
+            record.save()
+            rundir.write_config(workdir, _meta(r, 0))
+            rundir.write_atomic(workdir / "data_stats.json", json.dumps(r.data_stats, indent=2, default=str))
+        checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=r.config.train.keep_checkpoints)
+        try:
+            yield r, checkpointer
+        finally:
+            checkpointer.close()
+
+
+def run(config: Config, workdir: str | Path, *, allow_config_change: bool = False) -> RunResult:
+    """Run one phase in `workdir`, resuming from its newest intact checkpoint; returns the final state
+    and the logged metrics. Safe to call more than once in a process (e.g. from a notebook).
+
+    Raises `Preempted` after saving when SIGTERM/SIGINT stopped the run before `train.steps` (call
+    again to resume), `WorkdirBusyError` when another live run holds `workdir`, and `ConfigError`
+    when `config` changes what defines the run in `workdir` (unless `allow_config_change`)."""
+    with open_run(config, workdir, allow_config_change=allow_config_change) as (r, checkpointer):
+        return _train(r, checkpointer, jax.process_index() == 0)
 
 
 def _reference(r: _Run, state: TrainState, state_shardings: Any) -> Optional[Any]:
@@ -278,7 +342,7 @@ def _reference(r: _Run, state: TrainState, state_shardings: Any) -> Optional[Any
     if r.config.lora is not None:  # the reference is the frozen base itself, inside the step
         ref = state.frozen
     else:
-        ref, _ = ckpt_lib.load_params(r.config.train.init_from,
+        ref, _ = ckpt_lib.load_params(r.init_from,
                                       ckpt_lib.abstract_like(state.params, state_shardings.params))
     if not r.config.preference.precompute_ref:
         return None if r.config.lora is not None else ref
@@ -306,6 +370,7 @@ def _train(r: _Run, checkpointer: ckpt_lib.Checkpointer, is_main: bool) -> RunRe
             writer.write(0, last_eval)
             history.append({"step": 0, **last_eval})
         throughput.update(start, 0)
+        done = start
         for step in range(start, cfg.steps):
             batch = sharding.shard_batch(r.train_batches.batch(step), r.mesh)
             state, metrics = phase.step(state, batch)
@@ -324,15 +389,26 @@ def _train(r: _Run, checkpointer: ckpt_lib.Checkpointer, is_main: bool) -> RunRe
                 last_eval = evaluate(r, phase, state)
                 writer.write(done, last_eval)
                 history.append({"step": done, **last_eval})
+            if preemption.requested and window:  # the partial window before a preemption is logged too
+                pending, window = (pending or []) + window, []
             if done % cfg.checkpoint_every == 0 or last or preemption.requested:
                 _check_finite(window + (pending or []), checkpointer.latest_step())
-                checkpointer.save(done, state.params, _train_item(state), _meta(r, done, last_eval))
+                save(r, checkpointer, done, state.params, _train_item(state), _meta(r, done, last_eval))
             if preemption.requested:
                 break
         if pending is not None:
             history.append(_log(pending, writer, throughput, checkpointer))
         checkpointer.wait()
+        if preemption.requested and done < cfg.steps:
+            preemption.stop(done, cfg.steps, r.workdir)
     return RunResult(state, history, r.workdir)
+
+
+def save(r: _Run, checkpointer: ckpt_lib.Checkpointer, step: int, params: Any, train: Any, meta: dict) -> None:
+    """A checkpoint, unless another run has taken the work directory over (then nothing is written)."""
+    if r.lease is not None:
+        r.lease.check()
+    checkpointer.save(step, params, train, meta)
 
 
 def _log(window, writer, throughput, checkpointer) -> dict:

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -101,12 +105,42 @@ class CachedReference:
         return {**out, "ref_chosen_logps": self._chosen[ids], "ref_rejected_logps": self._rejected[ids]}
 
 
+def reference_key(run, batcher) -> str:
+    """What the cached reference log-probs depend on: the reference checkpoint (its pinned step and
+    the checksums it was saved with), the tokenizer, the data and how it is cut, the compute dtype."""
+    from pjlm import checkpoint as ckpt_lib
+    from pjlm.train import rundir
+
+    meta = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(run.init_from))
+    d = run.config.data
+    parts = {"reference": run.init_from, "reference_checksums": meta.get("checksums", {}).get("params"),
+             "tokenizer": run.tokenizer.fingerprint(), "data": rundir.data_fingerprint(d), "rows": len(batcher.ds),
+             "cut": [d.seq_len, list(d.buckets), d.max_prompt_len, d.pack, d.eval_rows, d.seed],
+             "dtype": run.model.config.dtype, "vocab": run.model.config.vocab_size}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_cache(path: Path, key: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as data:
+            if str(data["key"]) == key:
+                return data["chosen"], data["rejected"]
+            why = "it was computed for another reference, tokenizer or data"
+    except Exception as e:  # a truncated or foreign file: recompute, never block the run
+        why = f"it cannot be read ({type(e).__name__})"
+    print(f"pjlm: recomputing the reference log-probs in {path.name}: {why}", file=sys.stderr)
+    return None
+
+
 def reference_cache(run, batcher, ref_params: Any, path: Path) -> CachedReference:
-    """Compute (or load from `path`) the reference's log-probs for every example of `batcher`."""
-    if path.exists():
-        data = np.load(path)
-        if len(data["chosen"]) == len(batcher.ds):
-            return CachedReference(batcher, data["chosen"], data["rejected"])
+    """Compute (or load from `path`) the reference's log-probs for every example of `batcher`. The
+    file is keyed by `reference_key` (a stale one is recomputed) and written atomically."""
+    key = reference_key(run, batcher)
+    cached = _load_cache(path, key)
+    if cached is not None:
+        return CachedReference(batcher, *cached)
     n, B = len(batcher.ds), batcher.global_batch_size
     chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
     fn = jax.jit(lambda p, batch: preference.reference_logps(run.model, p, batch, run.config.train.logprob_chunk))
@@ -121,5 +155,8 @@ def reference_cache(run, batcher, ref_params: Any, path: Path) -> CachedReferenc
             rejected[idx] = np.asarray(multihost_utils.process_allgather(r, tiled=True))
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, chosen=chosen, rejected=rejected)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, chosen=chosen, rejected=rejected, key=np.array(key))
+        os.replace(tmp, path)
     return CachedReference(batcher, chosen, rejected)

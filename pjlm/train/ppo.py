@@ -47,7 +47,7 @@ def _init(r, cfg, tx_policy, tx_value, value_model, checkpointer):
     shardings = PPOState(policy=policy_sh, value=value_sh, kl_beta=None, rng=None)
     if checkpointer.latest_step() is not None:
         target = ckpt_lib.abstract_like(state, jax.tree_util.tree_map(lambda x: x.sharding, state))
-        params, train, meta = checkpointer.restore(None, _params_item(target), _train_item(target))
+        params, train, meta = loop.restore_good(r, checkpointer, _params_item(target), _train_item(target))
         loop._check_tokenizer(meta, r.tokenizer, checkpointer.directory)
         state = _from_items(state, params, train)
     else:
@@ -63,8 +63,8 @@ def _init(r, cfg, tx_policy, tx_value, value_model, checkpointer):
 
 
 def _value_init(r, cfg, value_model, fresh, fresh_sh):
-    if cfg.reward_model:
-        params, _ = ckpt_lib.load_params(cfg.reward_model, ckpt_lib.abstract_like(fresh, fresh_sh))
+    if r.reward_model:
+        params, _ = ckpt_lib.load_params(r.reward_model, ckpt_lib.abstract_like(fresh, fresh_sh))
         return params
     return loop.load_init_params(r, fresh, fresh_sh)  # the policy's trunk and a fresh value head
 
@@ -112,10 +112,14 @@ def _updates(state: PPOState, buffer: dict, update, cfg, key, iteration: int) ->
     return state, means
 
 
-def run(config, workdir) -> loop.RunResult:
-    """Run PPO in `workdir`, resuming from its latest checkpoint."""
-    workdir = Path(workdir).absolute()
-    r = loop.setup(config, workdir)
+def run(config, workdir, *, allow_config_change: bool = False) -> loop.RunResult:
+    """Run PPO in `workdir`, resuming from its newest intact checkpoint (see `pjlm.train.loop.run`
+    for the work directory's guarantees and what it raises)."""
+    with loop.open_run(config, workdir, allow_config_change=allow_config_change) as (r, checkpointer):
+        return _run(r, checkpointer)
+
+
+def _run(r, checkpointer) -> loop.RunResult:
     cfg = r.config.ppo
     if cfg.advantage != "gae" and cfg.group_size < 2:
         raise ConfigError(f"ppo.advantage={cfg.advantage} needs ppo.group_size ≥ 2 samples per prompt")
@@ -126,16 +130,12 @@ def run(config, workdir) -> loop.RunResult:
     tx_policy, _ = make_optimizer(r.config.optimizer, updates)
     tx_value, _ = make_optimizer(r.config.optimizer, updates)
     value_model = Transformer(r.model.config, head="scalar")
-    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=r.config.train.keep_checkpoints)
-    try:
-        state, _ = _init(r, cfg, tx_policy, tx_value, value_model, checkpointer)
-        # Without LoRA the reference is init_from read a second time (the policy's arrays serve only as
-        # the shape/sharding template; nothing is copied). With LoRA it is the frozen base.
-        ref = None if r.config.lora is not None else loop.load_init_params(
-            r, state.policy.params, jax.tree_util.tree_map(lambda x: x.sharding, state.policy.params))
-        return _iterate(r, state, ref, tx_policy, tx_value, value_model, checkpointer)
-    finally:
-        checkpointer.close()
+    state, _ = _init(r, cfg, tx_policy, tx_value, value_model, checkpointer)
+    # Without LoRA the reference is init_from read a second time (the policy's arrays serve only as
+    # the shape/sharding template; nothing is copied). With LoRA it is the frozen base.
+    ref = None if r.config.lora is not None else loop.load_init_params(
+        r, state.policy.params, jax.tree_util.tree_map(lambda x: x.sharding, state.policy.params))
+    return _iterate(r, state, ref, tx_policy, tx_value, value_model, checkpointer)
 
 
 @dataclasses.dataclass
@@ -153,7 +153,7 @@ class _Compiled:
 def _compile(r, tx_policy, tx_value, value_model) -> _Compiled:
     cfg, lora_cfg = r.config.ppo, r.config.lora
     specs = [rewards_lib.parse_reward_spec(text) for text in cfg.rewards]
-    scorer = _model_scorer(r, r.mesh, cfg.reward_model) if any(s["kind"] == "model" for s in specs) else None
+    scorer = _model_scorer(r, r.mesh, r.reward_model) if any(s["kind"] == "model" for s in specs) else None
     current: dict = {}  # the learned scores of the current rollout, computed on device before decoding
     model_fn = None
     if scorer is not None:
@@ -212,14 +212,17 @@ def _iterate(r, state: PPOState, ref, tx_policy, tx_value, value_model, checkpoi
     start = int(state.policy.step) // (cfg.epochs * cfg.minibatches)
     with metrics_lib.MetricWriter(r.workdir, total_steps=tcfg.steps, is_main=jax.process_index() == 0) as writer, \
             loop._Preemption() as preemption, sharding.use_mesh(r.mesh):
+        done = start
         for it in range(start, tcfg.steps):
             state, record = _iteration(r, fns, state, ref, it)
             writer.write(it + 1, {k: v for k, v in record.items() if k != "step"})
             history.append(record)
             done = it + 1
             if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or preemption.requested:
-                checkpointer.save(done, _params_item(state), _train_item(state), loop._meta(r, done))
+                loop.save(r, checkpointer, done, _params_item(state), _train_item(state), loop._meta(r, done))
             if preemption.requested:
                 break
         checkpointer.wait()
+        if preemption.requested and done < tcfg.steps:
+            preemption.stop(done, tcfg.steps, r.workdir)
     return loop.RunResult(state.policy, history, r.workdir)

@@ -53,5 +53,5 @@ def test_buckets_are_chosen_globally():
     assert shapes == {(4, 16)}, "every process pads to the bucket of the global batch's longest row"
     with pytest.raises(ValueError, match="exceeds the largest bucket 8"):
         Batcher(ds, "sft", 8, 100, 0, buckets=(4, 8))
-    with pytest.raises(ValueError, match="batch_size 8 is not divisible by the 3 processes"):
+    with pytest.raises(ValueError, match="data.batch_size=8 is not divisible by the 3 processes"):
         Batcher(ds, "sft", 8, 100, 0, buckets=(16,), process_count=3)

@@ -52,12 +52,17 @@ def test_resume_after_sigterm_equals_uninterrupted(make_config, tmp_path, monkey
         return original(self, step)
 
     monkeypatch.setattr(Batcher, "batch", preempt_at_10)
-    first = loop.run(config, tmp_path / "resumed")
-    assert int(first.state.step) == 11
+    with pytest.raises(loop.Preempted, match="preempted at step 11 of 20") as stopped:
+        loop.run(config, tmp_path / "resumed")
+    assert (stopped.value.step, stopped.value.signum) == (11, signal.SIGTERM)
     assert ckpt_lib.Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 11
+    logged = [m["step"] for m in metrics_lib.read_metrics(tmp_path / "resumed") if "loss" in m]
+    assert logged == [5, 10, 11], "the partial window before the preemption is logged"
     monkeypatch.setattr(Batcher, "batch", original)
     resumed = loop.run(config, tmp_path / "resumed")
     assert int(resumed.state.step) == 20
+    logged = [m["step"] for m in metrics_lib.read_metrics(tmp_path / "resumed") if "loss" in m]
+    assert logged == [5, 10, 11, 15, 20], "no step is logged twice"
     chex.assert_trees_all_equal(jax.device_get(resumed.state.params), jax.device_get(straight.state.params))
     chex.assert_trees_all_equal(jax.device_get(resumed.state.opt_state), jax.device_get(straight.state.opt_state))
 
@@ -103,10 +108,11 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_finite_checkpoint(
 
 def test_init_from_loads_the_earlier_phase_and_checks_the_tokenizer(make_config, tmp_path):
     pre = loop.run(make_config(train=dict(steps=4, checkpoint_every=4)), tmp_path / "pre")
-    sft = make_config(train=dict(phase="sft", steps=2, checkpoint_every=2, init_from=str(tmp_path / "pre")),
-                      optimizer=dict(learning_rate=0.0))
-    result = loop.run(sft, tmp_path / "sft")
-    chex.assert_trees_all_equal(jax.device_get(result.state.params), jax.device_get(pre.state.params))
+    sft = make_config(train=dict(phase="sft", steps=2, checkpoint_every=2, init_from=str(tmp_path / "pre")))
+    loop.run(sft, tmp_path / "sft")
+    r = loop.setup(sft, tmp_path / "fresh")  # the state a run starts from: init_from's parameters exactly
+    start, _ = loop.create_or_restore(r, ckpt_lib.Checkpointer(tmp_path / "fresh" / "checkpoints"))
+    chex.assert_trees_all_equal(jax.device_get(start.params), jax.device_get(pre.state.params))
     assert (tmp_path / "sft" / "tokenizer.model").read_bytes() == (tmp_path / "pre" / "tokenizer.model").read_bytes()
 
     other = make_config(train=dict(phase="sft", steps=2, init_from=str(tmp_path / "pre")),
