@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pjlm_testing import require, tiny_config
+from pjlm_testing import F32_DEEP, assert_close, require, tiny_config
 from pjlm import checkpoint as ckpt_lib
 from pjlm import cli, hf, sharding
 from pjlm.config import Config, ConfigError, MeshConfig, from_dict
@@ -86,7 +86,7 @@ def test_load_matches_transformers(case, saved):
     model, params = hf.load(path)
     assert model.config.sliding_window == (5 if case == "mistral-window" else None)
     assert ("lm_head" in params) == (case != "qwen2") and ("bias" in params["layers"]["attn"]["q"]) == (case == "qwen2")
-    np.testing.assert_allclose(pjlm_logits(model, params), ref, atol=1e-4, rtol=0)
+    assert_close(pjlm_logits(model, params), ref, F32_DEEP, what="logits")
     with SafetensorsReader(path) as reader:  # the lazy, per-leaf path equals the in-memory mapping
         expected = hf.params_from_hf(reader.get, model.config)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, expected)
@@ -106,7 +106,7 @@ def test_sharded_load_places_each_leaf_on_the_mesh(case, saved):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, whole)
     with sharding.use_mesh(mesh):
         out = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, sharding.shard_batch(TOKENS.astype(np.int32), mesh))
-    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=0)
+    assert_close(out, ref, F32_DEEP, what="sharded logits")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -119,7 +119,7 @@ def test_save_is_loaded_by_transformers(case, saved, tmp_path):
     assert (len(list(out.glob("*.safetensors"))) > 1) == (case == "llama") == (out / INDEX_FILE).exists()
     reloaded = from_pretrained(out)
     assert type(reloaded).__name__ == hf.ARCHITECTURES[config["model_type"]]
-    np.testing.assert_allclose(hf_logits(reloaded), pjlm_logits(model, params), atol=1e-4, rtol=0)
+    assert_close(hf_logits(reloaded), pjlm_logits(model, params), F32_DEEP, what="exported logits")
     assert hf.config_from_hf(config) == model.config
 
 
@@ -180,7 +180,7 @@ def test_import_then_export_from_the_command_line(kind, tmp_path):
 
     assert cli.main(["export-hf", "--workdir", str(dst), str(out), "--max-shard-size", "40KB"]) == 0
     tokens = TOKENS % tok.vocab_size
-    np.testing.assert_allclose(hf_logits(from_pretrained(out), tokens), hf_logits(hf_ref, tokens), atol=1e-4, rtol=0)
+    assert_close(hf_logits(from_pretrained(out), tokens), hf_logits(hf_ref, tokens), F32_DEEP, what="round-trip logits")
     exported = hf.load_tokenizer(out)
     assert exported.fingerprint() == tok.fingerprint()
     transformers = require("transformers")
