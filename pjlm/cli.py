@@ -2,7 +2,7 @@
 
     pjlm train CONFIG.py --workdir DIR [--set section.field=value ...] [--allow-config-change]
     pjlm sample --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--samples K]
-    pjlm import-hf SRC DST · pjlm export-hf --workdir DIR OUT   (see pjlm/hf_cli.py)
+    pjlm import-hf SRC DST · pjlm export-hf --workdir DIR OUT   (see pjlm/hf/cli.py)
 
 A mistake the user can fix (`pjlm.errors.PjlmError`) prints one line and exits 2; a run stopped by
 SIGTERM/SIGINT saves, prints where it stopped and exits 128 + the signal number (143, 130), as a
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pjlm import hf_cli
+from pjlm.hf import cli as hf_cli
 from pjlm.config import Config, ConfigError, apply_overrides
 from pjlm.errors import PjlmError, Preempted
 

@@ -1,4 +1,4 @@
-"""`pjlm.hf_files` trusts nothing in a model directory: files stay inside it, headers are bounded, and
+"""`pjlm.hf.files` trusts nothing in a model directory: files stay inside it, headers are bounded, and
 every tensor's dtype, shape and byte range are checked against its file when the reader opens it.
 
 Every malformed directory is built here from a small valid safetensors file, then corrupted.
@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from pjlm.errors import HFFormatError, PjlmError
-from pjlm.hf_files import INDEX_FILE, MAX_HEADER_BYTES, SafetensorsReader, shard_files
+from pjlm.hf.files import INDEX_FILE, MAX_HEADER_BYTES, SafetensorsReader, shard_files
 
 A = np.arange(12, dtype=np.float32).reshape(3, 4)
 B = np.arange(5, dtype=np.int64)

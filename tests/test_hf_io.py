@@ -17,8 +17,8 @@ from pjlm import checkpoint as ckpt_lib
 from pjlm import cli, hf, sharding
 from pjlm.config import Config, ConfigError, MeshConfig, from_dict
 from pjlm.data.tokenizer import SentencePieceTokenizer
-from pjlm.hf_files import INDEX_FILE, SafetensorsReader, parse_size
-from pjlm.hf_io import single_device_mesh
+from pjlm.hf.files import INDEX_FILE, SafetensorsReader, parse_size
+from pjlm.hf.directory import single_device_mesh
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)

@@ -10,9 +10,10 @@ import pytest
 
 from pjlm_testing import F32, F32_DEEP, assert_close, require
 from pjlm import checkpoint as ckpt_lib
-from pjlm import cli, hf, hf_peft, lora, sharding
+from pjlm import cli, hf, lora, sharding
+from pjlm.hf import peft as hf_peft
 from pjlm.config import Config, LoraConfig, TrainConfig, to_dict
-from pjlm.hf_io import single_device_mesh
+from pjlm.hf.directory import single_device_mesh
 from pjlm.model import Transformer
 
 HF_CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

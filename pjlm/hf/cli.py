@@ -1,4 +1,4 @@
-"""`pjlm import-hf` and `pjlm export-hf`: argparse setup and handlers (the work is in `pjlm.hf_convert`).
+"""`pjlm import-hf` and `pjlm export-hf`: argparse setup and handlers (the work is in `pjlm.hf.convert`).
 
     pjlm import-hf SRC DST [--dtype float32] [--mesh 1,1,1]
     pjlm export-hf --workdir DIR OUT [--dtype float32] [--max-shard-size 5GB] [--model-type T] [--mesh 1,1,1]
@@ -78,7 +78,7 @@ def _report_errors(fn):
 
 @_report_errors
 def import_hf(args: argparse.Namespace) -> int:
-    from pjlm import hf_convert
+    from pjlm.hf import convert as hf_convert
 
     step_dir = hf_convert.import_checkpoint(args.src, args.dst, dtype=args.dtype, mesh=parse_mesh(args.mesh))
     config = hf_convert.model_config_of(step_dir)
@@ -98,7 +98,7 @@ def import_hf(args: argparse.Namespace) -> int:
 
 @_report_errors
 def export_hf(args: argparse.Namespace) -> int:
-    from pjlm import hf_convert
+    from pjlm.hf import convert as hf_convert
 
     from pjlm.config import ConfigError
 

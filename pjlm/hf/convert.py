@@ -15,11 +15,12 @@ import jax
 import numpy as np
 
 from pjlm import checkpoint as ckpt_lib
-from pjlm import hf_files, sharding
+from pjlm import sharding
+from pjlm.hf import files as hf_files
 from pjlm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict, to_dict
 from pjlm.data.tokenizer import Tokenizer, load_tokenizer
 from pjlm.hf import config_from_hf
-from pjlm.hf_io import TOKENIZER_FILES, load, read_hf_config, save, single_device_mesh, write_tokenizer
+from pjlm.hf.directory import TOKENIZER_FILES, load, read_hf_config, save, single_device_mesh, write_tokenizer
 from pjlm.model import Transformer
 
 
@@ -169,9 +170,9 @@ def export_merged(workdir: str | Path, out: str | Path, *, dtype: str = "float32
 def export_adapters(workdir: str | Path, out: str | Path, *, dtype: str = "float32",
                     mesh: Optional[jax.sharding.Mesh] = None, base_model: Optional[str] = None) -> Path:
     """A LoRA run's latest adapters as a PEFT directory (`adapter_config.json` +
-    `adapter_model.safetensors`, see `pjlm.hf_peft`), plus the run's tokenizer when found.
+    `adapter_model.safetensors`, see `pjlm.hf.peft`), plus the run's tokenizer when found.
     `base_model` goes into `base_model_name_or_path` (the HF export of `train.init_from`, or a hub id)."""
-    from pjlm import hf_peft
+    from pjlm.hf import peft as hf_peft
 
     workdir, directory, step, meta, config, mesh, abstract, _ = _open_run(workdir, "adapter", mesh)
     adapters = _load_adapters(config, directory / str(step), mesh, abstract)

@@ -1,6 +1,6 @@
 """pjlm LoRA adapters as a PEFT adapter directory (what `pjlm export-hf --adapter-only` writes).
 
-    pjlm.hf_peft.save_adapters(adapters, model_config, lora_cfg, "out/", base_model="meta-llama/...")
+    pjlm.hf.peft.save_adapters(adapters, model_config, lora_cfg, "out/", base_model="meta-llama/...")
     # torch: peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/")
 
 The directory holds `adapter_config.json` (peft_type LORA, r, lora_alpha, target_modules as HF module
@@ -25,7 +25,7 @@ import numpy as np
 
 from pjlm.config import ConfigError, LoraConfig, ModelConfig
 from pjlm.hf import TensorMap, get_path, tensor_map
-from pjlm.hf_files import write_file
+from pjlm.hf.files import write_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -7,7 +7,7 @@
     pjlm.hf.export_checkpoint("runs/sft", "out/") # a run's latest checkpoint as an HF directory
 
 Loading never holds more than one HF tensor per device shard on the host: every leaf is built with
-`jax.make_array_from_callback`, whose callback slices memory-mapped tensors (`pjlm.hf_files`).
+`jax.make_array_from_callback`, whose callback slices memory-mapped tensors (`pjlm.hf.files`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pjlm.config import ConfigError, MeshConfig, ModelConfig
 from pjlm.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from pjlm.data.tokenizer import load_tokenizer as _load_tokenizer
 from pjlm.hf import TensorMap, config_from_hf, config_to_hf, get_path, set_path, tensor_map
-from pjlm.hf_files import SafetensorsReader, read_json, write_shards
+from pjlm.hf.files import SafetensorsReader, read_json, write_shards
 from pjlm.model import Transformer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -2,13 +2,13 @@
 
 One table (`tensor_map`) says, for every pjlm parameter leaf, which Hugging Face tensor(s) hold it
 and how to turn one into the other. Everything else builds on it: `params_from_hf` (an in-memory
-tree, checked against `transformers` logits), and in `pjlm.hf_io` the lazy, sharded reader of
+tree, checked against `transformers` logits), and in `pjlm.hf.directory` the lazy, sharded reader of
 safetensors shards and the writer. The mapping functions are numpy views (transpose, reshape), so a
 memory-mapped tensor is only read where a device shard needs it.
 
 File-level functions are re-exported here lazily, so `import pjlm.hf` stays cheap:
-`pjlm.hf.load`, `save`, `load_tokenizer` (`pjlm.hf_io`) and `import_checkpoint`, `export_checkpoint`,
-`model_config_of` (`pjlm.hf_convert`).
+`pjlm.hf.load`, `save`, `load_tokenizer` (`pjlm.hf.directory`) and `import_checkpoint`, `export_checkpoint`,
+`model_config_of` (`pjlm.hf.convert`).
 """
 
 from __future__ import annotations
@@ -23,18 +23,6 @@ from pjlm.config import ConfigError, ModelConfig
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_LAZY = {"load": "hf_io", "save": "hf_io", "load_tokenizer": "hf_io", "model_config_of": "hf_convert",
-         "import_checkpoint": "hf_convert", "export_checkpoint": "hf_convert"}
-
-
-def __getattr__(name: str) -> Any:
-    """The file-level API lives in `pjlm.hf_io` and `pjlm.hf_convert` (they need the model, sharding
-    and checkpoint code, which importing this module does not load)."""
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(f"pjlm.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'pjlm.hf' has no attribute {name!r}")
-
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -220,7 +208,7 @@ def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
 def params_from_hf(get: Callable[[str], np.ndarray], config: ModelConfig) -> dict:
     """pjlm parameters from Hugging Face tensors; `get(name)` returns one tensor as a numpy array.
 
-    Everything is built on the host; `pjlm.hf_io.load` places each leaf straight into its sharding.
+    Everything is built on the host; `pjlm.hf.directory.load` places each leaf straight into its sharding.
     """
     params: dict = {}
     for t in tensor_map(config):
