@@ -221,6 +221,12 @@ class DataConfig:
     'synthetic' (the built-in review corpus; for SFT, sentiment-conditioned review prompts)."""
     schema: Optional[str] = None
     """text, sft, preference or prompts; None detects it from the columns."""
+    split: str = "train"
+    """The split of a Hub dataset (e.g. train_prefs, or train+test); local files are one split."""
+    subset: Optional[str] = None
+    """A Hub dataset's configuration (subset) name, e.g. 'default'; None when it has one."""
+    revision: Optional[str] = None
+    """A Hub dataset's revision (branch, tag or commit); None = the default branch."""
     eval_source: Optional[str] = None
     """Held-out data; None holds out the last `eval_rows` rows of `source`."""
     eval_rows: int = 500
