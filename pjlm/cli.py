@@ -1,6 +1,8 @@
 """The `pjlm` command (also `python -m pjlm`).
 
     pjlm train CONFIG.py --workdir DIR [--set section.field=value ...] [--allow-config-change]
+    pjlm sft|reward|dpo|ppo --model M --dataset D --workdir DIR [--split S] [--subset X] [--revision R]
+        [--lora-rank R] [--steps N] [--config FILE] [--set section.field=value ...]   (pjlm/recipes.py)
     pjlm sample --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--samples K]
     pjlm import-hf SRC DST · pjlm export-hf --workdir DIR OUT   (see pjlm/hf/cli.py)
 
@@ -24,16 +26,23 @@ from pjlm.errors import PjlmError, Preempted
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
-    """`get_config()` of an experiment file, with `--set` overrides applied."""
-    file = Path(path)
+    """`get_config()` of an experiment file, with `--set` overrides applied. The file may import its
+    siblings (`from sft_from_hf import …`) or its package (`from experiments.sft_from_hf import …`)
+    from any working directory."""
+    file = Path(path).absolute()
     if not file.exists():
         raise ConfigError(f"config file {path} does not exist; pass an experiments/*.py file")
     spec = importlib.util.spec_from_file_location(f"pjlm_experiment_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
+    added = [str(d) for d in (file.parent, file.parent.parent) if str(d) not in sys.path]
+    sys.path[:0] = added
     try:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         raise ConfigError(f"{path} line {e.lineno}: {e.msg}") from e
+    finally:
+        for d in added:
+            sys.path.remove(d)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config() -> Config")
     return apply_overrides(module.get_config(), overrides)
@@ -48,6 +57,48 @@ def _train(args) -> int:
     if last:
         print(f"finished at step {last[-1]['step']}: loss {last[-1]['loss']:.4f}")
     return 0
+
+
+def _phase(args) -> int:
+    from pjlm import recipes
+    from pjlm.train import run
+
+    config = recipes.build(args.command, model=args.model, dataset=args.dataset, split=args.split,
+                           subset=args.subset, revision=args.revision, lora_rank=args.lora_rank, steps=args.steps,
+                           config=load_config(args.config) if args.config else None, overrides=args.set or (),
+                           reward_model=getattr(args, "reward_model", None))
+    print(f"pjlm {args.command}: resolved config\n{recipes.describe(config)}", flush=True)
+    result = run(config, args.workdir, allow_config_change=args.allow_config_change)
+    last = [h for h in result.history if "loss" in h]
+    if last:
+        print(f"finished at step {last[-1]['step']}: loss {last[-1]['loss']:.4f}")
+    return 0
+
+
+def _add_phase_commands(sub) -> None:
+    from pjlm.recipes import PHASES
+
+    helps = {"sft": "supervised fine-tuning", "reward": "a Bradley–Terry reward model", "dpo": "DPO",
+             "ppo": "RLHF with PPO against a reward model"}
+    for phase in PHASES:
+        p = sub.add_parser(phase, help=f"{helps[phase]} of a Hugging Face or pjlm model on a dataset, by recipe")
+        p.add_argument("--model", required=True,
+                       help="a Hugging Face model directory, a Hub id, or a pjlm work directory")
+        p.add_argument("--dataset", required=True,
+                       help="local json/jsonl/parquet/csv/txt file(s), comma-separated, or a Hub dataset name")
+        p.add_argument("--workdir", required=True, help="checkpoints, metrics and the tokenizer go here")
+        p.add_argument("--split", default="train", help="the Hub dataset's split (default train)")
+        p.add_argument("--subset", default=None, help="the Hub dataset's subset (configuration) name")
+        p.add_argument("--revision", default=None, help="the Hub dataset's revision")
+        p.add_argument("--lora-rank", type=int, default=None, help="train rank-R LoRA adapters (alpha 2R)")
+        p.add_argument("--steps", type=int, default=None, help="optimizer steps (PPO: iterations)")
+        p.add_argument("--config", default=None, help="start from this experiment file instead of the recipe")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+        p.add_argument("--allow-config-change", action="store_true",
+                       help="resume even though a field that defines the run changed")
+        if phase == "ppo":
+            p.add_argument("--reward-model", default=None, help="a reward-model run's work directory")
+        p.set_defaults(handler=_phase)
 
 
 def _sample(args) -> int:
@@ -78,6 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sample.add_argument("--samples", type=int, default=1)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--escape", action="store_true", help="print newlines as \\n")
+    _add_phase_commands(sub)
     hf_cli.add_subcommands(sub)
     args = parser.parse_args(argv)
     try:

@@ -9,6 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="pjlm-hf-home-"))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PJLM_HOME", tempfile.mkdtemp(prefix="pjlm-home-"))  # the import cache of `pjlm sft|dpo|…`
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
