@@ -19,7 +19,8 @@ from pjlm.errors import ConfigError  # noqa: E402  (re-exported: pjlm.config.Con
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama, Mistral, Qwen2, TinyLlama)."""
+    """A Llama-family decoder (Llama, Mistral, Qwen2/3, Gemma 2/3, TinyLlama); `pjlm.hf.mapping.FAMILIES`
+    says which fields each Hugging Face family sets."""
 
     vocab_size: int = 256
     """Vocabulary size. Presets carry a default; a run replaces it with its tokenizer's size."""
@@ -47,6 +48,41 @@ class ModelConfig:
     """Biases on the q/k/v projections (Qwen2)."""
     sliding_window: Optional[int] = None
     """Attend only to the last `sliding_window` positions, self included (Mistral); None = full causal."""
+    global_every: int = 0
+    """With a sliding window: layers n, 2n, … (counting from 1) attend globally, the rest use the
+    window (Gemma 2: 2, Gemma 3: 6); 0 = every layer uses the window (Mistral)."""
+    rope_local_theta: Optional[float] = None
+    """RoPE base of the sliding-window layers, unscaled (Gemma 3's rope_local_base_freq); None = the same
+    RoPE as the global layers, rope_scaling included."""
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    """RoPE frequency scaling, as Hugging Face's rope_type (not of the sliding-window layers when
+    rope_local_theta is set): linear divides every frequency by `rope_factor`; llama3 (Llama 3.1/3.2)
+    divides only the low ones, smoothly."""
+    rope_factor: float = 1.0
+    """RoPE scaling factor (linear, llama3)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above rope_original_max_len / this are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below rope_original_max_len / this are kept."""
+    rope_original_max_len: int = 8192
+    """llama3 scaling: the context length of pre-training (original_max_position_embeddings)."""
+    qk_norm: bool = False
+    """RMSNorm over the head dimension on each query and key head before RoPE (Qwen3, Gemma 3)."""
+    norm_offset: float = 0.0
+    """Every RMSNorm multiplies by (norm_offset + scale): 0 (Llama), or 1 (Gemma, whose stored scales
+    start at 0)."""
+    post_norms: bool = False
+    """RMSNorm on the attention and MLP outputs before they join the residual stream (Gemma)."""
+    activation: Literal["silu", "gelu_tanh"] = "silu"
+    """Gated MLP activation: silu (SwiGLU) or gelu_tanh (GeGLU, Gemma's gelu_pytorch_tanh)."""
+    embed_scale: bool = False
+    """Multiply the token embeddings by sqrt(d_model), in the compute dtype (Gemma)."""
+    query_pre_attn_scalar: Optional[float] = None
+    """Attention scores are scaled by query_pre_attn_scalar**-0.5 (Gemma); None = head_dim."""
+    attn_softcap: Optional[float] = None
+    """Attention logits become c·tanh(s/c) before the mask (Gemma 2); None = off. Needs attention=einsum."""
+    final_softcap: Optional[float] = None
+    """LM-head logits become c·tanh(z/c) (Gemma 2); None = off."""
     dtype: str = "float32"
     """Compute dtype of matmuls: float32 on the CPU, bfloat16 on accelerators."""
     param_dtype: str = "float32"
@@ -81,6 +117,18 @@ class ModelConfig:
             raise ConfigError(f"model.head_dim={self.resolved_head_dim} must be even for RoPE")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"model.sliding_window must be positive or None, got {self.sliding_window}")
+        if self.global_every < 0:
+            raise ConfigError(f"model.global_every must be ≥ 0, got {self.global_every}")
+        if self.rope_scaling not in ("none", "linear", "llama3"):
+            raise ConfigError(f"model.rope_scaling={self.rope_scaling!r}; choose none, linear or llama3")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ConfigError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                              f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ConfigError(f"model.activation={self.activation!r}; choose silu or gelu_tanh")
+        if self.attn_softcap is not None and self.attention != "einsum":
+            raise ConfigError(f"model.attn_softcap={self.attn_softcap} needs model.attention='einsum'; "
+                              f"{self.attention!r} attention has no logit soft-capping")
         if self.remat not in ("none", "full", "save_dots"):
             raise ConfigError(f"model.remat={self.remat!r}; choose none, full or save_dots")
         if self.attention not in ("einsum", "xla", "cudnn"):

@@ -1,5 +1,8 @@
 """Llama-family decoder in Flax Linen: RMSNorm, RoPE (Hugging Face rotate-half layout), grouped-query
-attention with optional sliding window and q/k/v biases, SwiGLU, layers under `nn.scan`.
+attention with optional sliding window and q/k/v biases, SwiGLU, layers under `nn.scan`. The family
+options (Qwen3/Gemma q/k norms, Gemma's (1 + w) norms, post-norms, GeGLU, soft-capping, layers that
+alternate between a sliding window and global attention with their own RoPE bases) are config fields;
+the pieces that vary live in `pjlm.layers`.
 
 Shape legend: B batch, L length (S: key length), D model width, F MLP width, N query heads,
 K kv heads, G = N // K query heads per kv head, H head dim, V vocabulary.
@@ -21,7 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from pjlm import ops
-from pjlm.config import ModelConfig
+from pjlm.config import ConfigError, ModelConfig
+from pjlm.layers import (ACTIVATIONS, RMSNorm, apply_rope, local_layers, rope_inv_freq, rope_tables, softcap,
+                         uniform_window)
 
 Head = Literal["lm", "scalar"]
 _NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax rather than NaN
@@ -108,29 +113,14 @@ class KVCache:
                    index=jnp.zeros((), jnp.int32))
 
 
-def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, L, H] in float32, Hugging Face layout (frequencies repeated over both halves)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs_BLh = positions_BL.astype(jnp.float32)[..., None] * inv_freq
-    emb_BLH = jnp.concatenate([freqs_BLh, freqs_BLh], axis=-1)
-    return jnp.cos(emb_BLH), jnp.sin(emb_BLH)
-
-
-def apply_rope(x_BLNH: jax.Array, cos_BLH: jax.Array, sin_BLH: jax.Array) -> jax.Array:
-    x = x_BLNH.astype(jnp.float32)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = x * cos_BLH[:, :, None, :] + rotated * sin_BLH[:, :, None, :]
-    return out.astype(x_BLNH.dtype)
-
-
-def einsum_attention(q_BLNH, k_BSKH, v_BSKH, mask_B1LS) -> jax.Array:
-    """The plain reference: softmax(q·kᵀ/√H + mask)·v, grouped query heads, softmax in float32."""
+def einsum_attention(q_BLNH, k_BSKH, v_BSKH, mask_B1LS, scale=None, cap=None) -> jax.Array:
+    """The plain reference: softmax(q·kᵀ/√H + mask)·v, grouped query heads, softmax in float32.
+    `scale` replaces 1/√H; `cap` soft-caps the scores before the mask (Gemma 2)."""
     B, L, N, H = q_BLNH.shape
     K = k_BSKH.shape[2]
     q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)
     scores = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH, preferred_element_type=jnp.float32)
-    scores = scores * (H ** -0.5)
+    scores = softcap(scores * (H ** -0.5 if scale is None else scale), cap)
     scores = jnp.where(mask_B1LS[:, :, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
     out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs, v_BSKH)
@@ -138,7 +128,7 @@ def einsum_attention(q_BLNH, k_BSKH, v_BSKH, mask_B1LS) -> jax.Array:
 
 
 def fused_attention(q_BLNH, k_BSKH, v_BSKH, mask_B1LS, implementation: str,
-                    sliding_window: Optional[int]) -> jax.Array:
+                    sliding_window: Optional[int], scale: Optional[float] = None) -> jax.Array:
     """`jax.nn.dot_product_attention` with the same mask as the reference.
 
     The mask already holds causality and the window; they are also passed as `is_causal` and
@@ -146,22 +136,8 @@ def fused_attention(q_BLNH, k_BSKH, v_BSKH, mask_B1LS, implementation: str,
     """
     window = None if sliding_window is None else (sliding_window - 1, 0)
     return jax.nn.dot_product_attention(
-        q_BLNH, k_BSKH, v_BSKH, mask=mask_B1LS, is_causal=True, local_window_size=window,
+        q_BLNH, k_BSKH, v_BSKH, mask=mask_B1LS, scale=scale, is_causal=True, local_window_size=window,
         implementation=implementation)
-
-
-class RMSNorm(nn.Module):
-    eps: float
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, x_BLD):
-        scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                             (x_BLD.shape[-1],), self.param_dtype)
-        x = x_BLD.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * scale_D.astype(jnp.float32)).astype(self.dtype)
 
 
 class Linear(nn.Module):
@@ -198,19 +174,23 @@ class Attention(nn.Module):
         c = self.config
         D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.resolved_head_dim
         dense = functools.partial(Linear, dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
+        scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar ** -0.5
         q = dense((D,), (N, H), ("embed", "heads", "head_dim"), "BLD,DNH->BLNH", c.qkv_bias, name="q")(x_BLD)
         k = dense((D,), (K, H), ("embed", "kv_heads", "head_dim"), "BLD,DKH->BLKH", c.qkv_bias, name="k")(x_BLD)
         v = dense((D,), (K, H), ("embed", "kv_heads", "head_dim"), "BLD,DKH->BLKH", c.qkv_bias, name="v")(x_BLD)
+        if c.qk_norm:  # per head, over H, before RoPE (Qwen3, Gemma 3)
+            norm = functools.partial(RMSNorm, c.norm_eps, _dtype(c.dtype), _dtype(c.param_dtype), c.norm_offset)
+            q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
         q = nn.with_logical_constraint(apply_rope(q, cos_BLH, sin_BLH), ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(apply_rope(k, cos_BLH, sin_BLH), ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         if kv is not None:  # write this call's keys and values into the cache, then attend to all of it
             kv, k, v = _write_kv(kv, k, v, layer, index)
-            out_BLNH = einsum_attention(q, k, v, mask_B1LS)
+            out_BLNH = einsum_attention(q, k, v, mask_B1LS, scale, c.attn_softcap)
         elif c.attention == "einsum":
-            out_BLNH = einsum_attention(q, k, v, mask_B1LS)
-        else:
-            out_BLNH = fused_attention(q, k, v, mask_B1LS, c.attention, c.sliding_window)
+            out_BLNH = einsum_attention(q, k, v, mask_B1LS, scale, c.attn_softcap)
+        else:  # the mask holds any per-layer window; a uniform one also picks cuDNN's windowed kernel
+            out_BLNH = fused_attention(q, k, v, mask_B1LS, c.attention, uniform_window(c), scale)
         out_BLD = dense((N, H), (D,), ("heads", "head_dim", "embed"), "BLNH,NHD->BLD", False, name="o")(out_BLNH)
         return out_BLD, kv
 
@@ -237,26 +217,44 @@ class MLP(nn.Module):
         dense = functools.partial(Linear, dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype), use_bias=False)
         gate = dense((c.d_model,), (c.mlp_dim,), ("embed", "mlp"), "BLD,DF->BLF", name="gate")(x_BLD)
         up = dense((c.d_model,), (c.mlp_dim,), ("embed", "mlp"), "BLD,DF->BLF", name="up")(x_BLD)
-        h_BLF = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        h_BLF = nn.with_logical_constraint(ACTIVATIONS[c.activation](gate) * up, ("batch", "length", "mlp"))
         return dense((c.mlp_dim,), (c.d_model,), ("mlp", "embed"), "BLF,FD->BLD", name="down")(h_BLF)
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block; the scan carry is the residual stream."""
+    """Pre-norm decoder block (with `post_norms`, Gemma's norms on each branch's output too); the scan
+    carry is the residual stream."""
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, cos_BLH, sin_BLH, mask_B1LS, layer=None, index=None):
-        """The carry is x [B, L, D], or (x, k, v) with the whole cache when decoding (`layer` given)."""
+    def __call__(self, carry, cos_BLH, sin_BLH, mask_B1LS, local=None, layer=None, index=None):
+        """The carry is x [B, L, D], or (x, k, v) with the whole cache when decoding (`layer` given).
+
+        When layers alternate (`local` is this layer's scanned-over flag, not None) the RoPE tables and
+        the mask come stacked [global, local] on a leading axis and the flag picks one."""
         c = self.config
+        if local is not None:
+            cos_BLH, sin_BLH, mask_B1LS = (jnp.where(local, a[1], a[0]) for a in (cos_BLH, sin_BLH, mask_B1LS))
         x_BLD, kv = (carry, None) if layer is None else (carry[0], carry[1:])
-        norm = functools.partial(RMSNorm, c.norm_eps, _dtype(c.dtype), _dtype(c.param_dtype))
+        norm = functools.partial(RMSNorm, c.norm_eps, _dtype(c.dtype), _dtype(c.param_dtype), c.norm_offset)
         h_BLD, kv = Attention(c, name="attn")(norm(name="attn_norm")(x_BLD), cos_BLH, sin_BLH, mask_B1LS,
                                               kv, layer, index)
+        if c.post_norms:
+            h_BLD = norm(name="attn_post_norm")(h_BLD)
         x_BLD = x_BLD + h_BLD
-        x_BLD = x_BLD + MLP(c, name="mlp")(norm(name="mlp_norm")(x_BLD))
+        h_BLD = MLP(c, name="mlp")(norm(name="mlp_norm")(x_BLD))
+        if c.post_norms:
+            h_BLD = norm(name="mlp_post_norm")(h_BLD)
+        x_BLD = x_BLD + h_BLD
         x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
         return (x_BLD if kv is None else (x_BLD, *kv)), None
+
+
+def _masks(c: ModelConfig, mask_fn, *args):
+    """`mask_fn(*args, window)` for the uniform window, or stacked [global, local] when layers alternate."""
+    if local_layers(c) is None:
+        return mask_fn(*args, uniform_window(c))
+    return jnp.stack([mask_fn(*args, None), mask_fn(*args, c.sliding_window)])
 
 
 _REMAT_POLICIES = {
@@ -299,14 +297,20 @@ class Transformer(nn.Module):
 
         embed = Embed(c, name="embed")
         x_BLD = nn.with_logical_constraint(embed(tokens_BL), ("batch", "length", "embed"))
-        cos_BLH, sin_BLH = rope_tables(positions_BL, c.resolved_head_dim, c.rope_theta)
+        local = local_layers(c)
+        all_local = local is None and uniform_window(c) is not None  # one kind of layer: that kind's RoPE
+        cos_BLH, sin_BLH = rope_tables(positions_BL, rope_inv_freq(c, local=all_local))
+        if local is not None:  # [global, local] tables; each layer picks by its flag inside the scan
+            cos_local, sin_local = rope_tables(positions_BL, rope_inv_freq(c, local=True))
+            cos_BLH, sin_BLH = jnp.stack([cos_BLH, cos_local]), jnp.stack([sin_BLH, sin_local])
+            local = jnp.asarray(local)
         if cache is None:
-            x_BLD = self._layers(x_BLD, cos_BLH, sin_BLH, attention_mask(segment_ids_BL, c.sliding_window))
+            x_BLD = self._layers(x_BLD, cos_BLH, sin_BLH, _masks(c, attention_mask, segment_ids_BL), local)
         else:
-            x_BLD, cache = self._cached_layers(x_BLD, cos_BLH, sin_BLH, segment_ids_BL, cache)
+            x_BLD, cache = self._cached_layers(x_BLD, cos_BLH, sin_BLH, segment_ids_BL, cache, local)
         if last_only:
             x_BLD = x_BLD[:, -1:]
-        x_BLD = RMSNorm(c.norm_eps, dtype, param_dtype, name="final_norm")(x_BLD)
+        x_BLD = RMSNorm(c.norm_eps, dtype, param_dtype, c.norm_offset, name="final_norm")(x_BLD)
         out = x_BLD if return_hidden else self._head(embed, x_BLD)
         return out if cache is None else (out, cache)
 
@@ -315,24 +319,25 @@ class Transformer(nn.Module):
         return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
                        length=c.n_layers, unroll=c.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
 
-    def _layers(self, x_BLD, cos_BLH, sin_BLH, mask_B1LS):
+    def _layers(self, x_BLD, cos_BLH, sin_BLH, mask_B1LS, local):
         c = self.config
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
-        layers = self._scan(block, (nn.broadcast,) * 3)
-        x_BLD, _ = layers(c, name="layers")(x_BLD, cos_BLH, sin_BLH, mask_B1LS)
+        layers = self._scan(block, (nn.broadcast,) * 3 + (0,))
+        x_BLD, _ = layers(c, name="layers")(x_BLD, cos_BLH, sin_BLH, mask_B1LS, local)
         return x_BLD
 
-    def _cached_layers(self, x_BLD, cos_BLH, sin_BLH, segment_ids_BL, cache: KVCache):
+    def _cached_layers(self, x_BLD, cos_BLH, sin_BLH, segment_ids_BL, cache: KVCache, local):
         """The layer scan with the whole cache in its carry, each layer updating its own slice in place."""
         c = self.config
         segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids_BL.astype(jnp.int32),
                                                   (0, cache.index))
-        mask_B1LS = cache_attention_mask(segment_ids_BL, segment_BS, cache.index, c.sliding_window)
-        layers = self._scan(Block, (nn.broadcast,) * 3 + (0, nn.broadcast))
+        mask_fn = functools.partial(cache_attention_mask, segment_ids_BL, segment_BS, cache.index)
+        mask_B1LS = _masks(c, mask_fn)
+        layers = self._scan(Block, (nn.broadcast,) * 3 + (0, 0, nn.broadcast))
         (x_BLD, k, v), _ = layers(c, name="layers")((x_BLD, cache.k, cache.v), cos_BLH, sin_BLH, mask_B1LS,
-                                                    jnp.arange(c.n_layers), cache.index)
+                                                    local, jnp.arange(c.n_layers), cache.index)
         new_cache = KVCache(k=k, v=v, segment_ids=segment_BS, index=cache.index + x_BLD.shape[1])
         return x_BLD, new_cache
 
@@ -348,7 +353,8 @@ class Transformer(nn.Module):
         else:
             logits_BLV = Linear((c.d_model,), (c.vocab_size,), ("embed", "vocab"), "BLD,DV->BLV", False,
                                 dtype, param_dtype, name="lm_head")(x_BLD)
-        return nn.with_logical_constraint(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits_BLV = softcap(logits_BLV.astype(jnp.float32), c.final_softcap)
+        return nn.with_logical_constraint(logits_BLV, ("batch", "length", "vocab"))
 
 
 class Embed(nn.Module):
@@ -365,7 +371,11 @@ class Embed(nn.Module):
         # Gather from the whole table (all-gathered, as FSDP does for every weight it uses): a lookup
         # into a vocab/embed-sharded table would have to reshuffle its output onto the batch axis.
         table_VD = nn.with_logical_constraint(self.embedding, (None, None))
-        return jnp.take(table_VD, tokens_BL, axis=0).astype(_dtype(self.config.dtype))
+        dtype = _dtype(self.config.dtype)
+        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dtype)
+        if self.config.embed_scale:  # Gemma: sqrt(D) rounded to the compute dtype, as transformers does
+            x_BLD = x_BLD * jnp.asarray(self.config.d_model ** 0.5, dtype)
+        return x_BLD
 
     def attend(self, x_BLD):
         dtype = _dtype(self.config.dtype)
@@ -388,6 +398,9 @@ def target_logprobs(model: Transformer, params: dict, tokens_BL: jax.Array, posi
     time (`ops.chunked_token_logprobs`), so the [B, L, V] logits never exist.
     """
     variables = {"params": params}
+    if logprob_chunk > 0 and model.config.final_softcap is not None:
+        raise ConfigError(f"train.logprob_chunk={logprob_chunk} cannot apply model.final_softcap="
+                          f"{model.config.final_softcap}; set train.logprob_chunk=0 for this model")
     if logprob_chunk <= 0:
         logits_BLV = model.apply(variables, tokens_BL, positions_BL, segment_ids_BL)
         return ops.token_logprobs(logits_BLV[:, :-1], tokens_BL[:, 1:])

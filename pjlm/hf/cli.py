@@ -13,6 +13,8 @@ import argparse
 import sys
 from typing import Any
 
+from pjlm.hf.mapping import SUPPORTED
+
 DTYPES = ("float32", "bfloat16", "float16")
 _MESH_HELP = ("data,fsdp,tensor sizes of the mesh the parameters pass through (-1 fills the local devices); "
               "the default 1,1,1 is the first device: shard a model larger than one device, e.g. 1,-1,1")
@@ -31,7 +33,7 @@ def add_subcommands(subparsers: Any) -> None:
     exp.add_argument("--workdir", required=True, help="a pjlm work directory, or one checkpoint step's directory")
     exp.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the written tensors")
     exp.add_argument("--max-shard-size", default="5GB", help="split the weights into files of at most this size")
-    exp.add_argument("--model-type", choices=("llama", "mistral", "qwen2"), default=None,
+    exp.add_argument("--model-type", choices=SUPPORTED, default=None,
                      help="default: qwen2 with q/k/v biases, mistral with a sliding window, else llama")
     exp.add_argument("--mesh", default="1,1,1", help=_MESH_HELP)
     lora = exp.add_mutually_exclusive_group()

@@ -47,7 +47,8 @@ def read_hf_config(path: str | Path) -> dict:
 
 def load(path: str | Path, *, dtype: str = "float32", compute_dtype: Optional[str] = None,
          mesh: Optional[jax.sharding.Mesh] = None, **overrides) -> tuple[Transformer, dict]:
-    """A Llama / Mistral / Qwen2 / TinyLlama directory (`config.json` + safetensors shards) as a pjlm
+    """A Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 text directory (`config.json` + safetensors
+    shards; the families of `pjlm.hf.mapping.FAMILIES`) as a pjlm
     model and its parameters, stored in `dtype` and placed straight into their shardings on `mesh`
     (default: the first device). `compute_dtype` (default `dtype`) and other `ModelConfig` fields
     (`attention`, `remat`, ...) go into the returned model's config.
@@ -128,8 +129,9 @@ def save(params: Any, config: ModelConfig, out_dir: str | Path, *, dtype: str = 
          model_type: Optional[str] = None, max_shard_size: int | str = "5GB",
          tokenizer: Optional[Tokenizer | str | Path] = None) -> Path:
     """Write `params` as an HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads:
-    `config.json` (qwen2 with q/k/v biases, mistral with a sliding window, else llama, unless
-    `model_type` says mistral), `model.safetensors` in `dtype` (split into `model-0000k-of-0000n`
+    `config.json` (the first family of `pjlm.hf.mapping.FAMILIES` that holds the config: qwen2 with
+    q/k/v biases, qwen3 with q/k norms, gemma2 / gemma3_text with Gemma's options, mistral with a
+    sliding window, else llama; or `model_type`, checked), `model.safetensors` in `dtype` (split into `model-0000k-of-0000n`
     files with an index above `max_shard_size`, e.g. "5GB" or "20KB"), and the tokenizer when given
     (a pjlm `Tokenizer`, or a directory / file to copy). Each leaf is pulled to the host once."""
     out = Path(out_dir)
