@@ -268,7 +268,9 @@ class DataConfig:
     """A local json/jsonl/parquet/text file (comma-separate several), a Hub dataset name, or
     'synthetic' (the built-in review corpus; for SFT, sentiment-conditioned review prompts)."""
     schema: Optional[str] = None
-    """text, sft, preference or prompts; None detects it from the columns."""
+    """The dataset format (language_modeling, prompt_completion, explicit_preference, implicit_preference,
+    prompt_only; see `pjlm.data.formats`) or a normalised kind (text, sft, preference, prompts); None
+    detects the format from the columns, among those the phase takes."""
     split: str = "train"
     """The split of a Hub dataset (e.g. train_prefs, or train+test); local files are one split."""
     subset: Optional[str] = None
@@ -301,6 +303,11 @@ class DataConfig:
     """Seeds the batch order (with epoch and step)."""
     on_error: Literal["raise", "skip"] = "raise"
     """A malformed row stops the run naming it, or is skipped and counted."""
+    text_unit: Literal["paragraph", "file", "line"] = "paragraph"
+    """A plain text file's documents: each blank-line-separated paragraph, the whole file, or each line.
+    Blank lines only separate documents; they are never errors."""
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    """SFT on a multi-turn conversation: the loss covers every assistant turn, or only the last."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,7 +467,13 @@ class Config:
                 r.split(":", 1)[0] == "model" for r in self.ppo.rewards):
             raise ConfigError("ppo.rewards has a 'model' component but ppo.reward_model is not set; set it to a "
                               "reward-model run's work directory, or use rule-based rewards only (e.g. vader:1.0)")
+        if self.model.final_softcap is not None and self.train.logprob_chunk:
+            raise ConfigError(f"train.logprob_chunk={self.train.logprob_chunk} cannot apply model.final_softcap "
+                              "(the chunked log-probs never form the capped logits); set train.logprob_chunk=0")
         longest = max((self.data.seq_len, *self.data.buckets))
+        if self.data.max_prompt_len is not None and self.data.max_prompt_len >= longest:
+            raise ConfigError(f"data.max_prompt_len={self.data.max_prompt_len} leaves no room for a response in rows "
+                              f"of {longest} tokens (data.seq_len / data.buckets); lower it (None = half the row)")
         if longest > self.model.max_len:
             raise ConfigError(f"data.seq_len / data.buckets reach {longest}, beyond model.max_len="
                               f"{self.model.max_len}; shorten them or raise model.max_len")

@@ -132,3 +132,37 @@ def assert_close(got, want, rel: float, *, what: str = "", scale: float | None =
                                  f"`scale`); largest |got| = {worst:.3g}{where}")
         raise AssertionError(f"{name}: max|got − want| / {denom_name} = {worst / denom:.3g} > {rel:g} (largest error "
                              f"{worst:.3g}{where}: got {g[at]:.9g}, want {w[at]:.9g}; {denom_name} = {denom:.3g})")
+
+
+CHAT_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<|begin_of_text|>",
+                       "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def hf_chat_tokenizer_dir(directory, texts, chat_template: str, *, vocab_size: int = 500, bos: str = "<s>",
+                          eos: str = "<|endoftext|>", template_file: bool = False):
+    """`hf_tokenizer_dir` with the chat markers of ChatML/Qwen, Gemma and Llama-3 as added special tokens
+    (after <|endoftext|> = 0 and <s> = 1), and `chat_template` in tokenizer_config.json, or with
+    `template_file` in chat_template.jinja beside it (as transformers ≥ 4.43 writes it). Returns the
+    `tokenizers.Tokenizer`."""
+    import json
+
+    tokenizers = require("tokenizers")
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size,
+                                             special_tokens=["<|endoftext|>", "<s>", *CHAT_SPECIAL_TOKENS],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer)
+    os.makedirs(directory, exist_ok=True)
+    hf.save(os.path.join(directory, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": bos,
+              "pad_token": "<|endoftext|>"}
+    if template_file:
+        with open(os.path.join(directory, "chat_template.jinja"), "w") as f:
+            f.write(chat_template)
+    else:
+        config["chat_template"] = chat_template
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return hf

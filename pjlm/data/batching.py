@@ -54,6 +54,13 @@ def _bos(tokenizer: Tokenizer, add_bos: bool) -> list[int]:
     return [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
 
 
+def _through_last_target(ids: list[int], mask: list[int]) -> list[int]:
+    """A response's ids up to its last target token (what a template writes after the end marker is not
+    part of the response)."""
+    last = max((i for i, m in enumerate(mask) if m), default=len(ids) - 1)
+    return ids[:last + 1]
+
+
 def _truncate_prompt_response(prompt: list[int], response: list[int], max_len: int,
                               max_prompt_len: int) -> tuple[list[int], list[int], bool]:
     """Keep the prompt's end (at most `max_prompt_len` tokens), then cut the response to fit."""
@@ -70,18 +77,33 @@ def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, schema: str, *, max_len
     sft → `ids`, `mask` (1 on target tokens: the response, or the assistant turns, and the eos);
     preference → `prompt_ids`, `chosen_ids`, `rejected_ids` (responses end in eos);
     prompts → `prompt_ids`. Every schema also gets `length` (of the longest sequence the row makes).
+    Conversations (`messages` columns) go through `tokenizer.encode_chat`: the tokenizer's own chat
+    template when it has one (its ids are the whole sequence, bos and end-of-turn markers as the
+    template writes them, no eos added), else pjlm's markers (bos first, eos appended as for text).
+    A preference prompt is encoded once and both responses follow it (`encode_chat_continuation`);
+    a response ends at its last assistant token (the end-of-turn marker).
     Rows longer than `max_len` keep the prompt's last `max_prompt_len` tokens (default max_len // 2)
     and lose the response's tail; a row left with no target is dropped. Stats count both.
     """
     max_prompt_len = max_prompt_len if max_prompt_len is not None else max_len // 2
     bos, eos = _bos(tokenizer, add_bos), [tokenizer.eos_id]
+    chat_eos = [] if tokenizer.chat_template else eos  # a template's end-of-turn marker ends the sequence
 
     def text_fn(batch):
-        ids = [bos + x + eos for x in tokenizer.encode_batch(batch["text"])]
+        if "messages" in batch:
+            ids = [tokenizer.encode_chat(json.loads(m))[0] + chat_eos for m in batch["messages"]]
+        else:
+            ids = [bos + x + eos for x in tokenizer.encode_batch(batch["text"])]
         return {"ids": ids, "length": [len(x) for x in ids], "truncated": [False] * len(ids)}
 
-    def sft_fn(batch):
-        out = {"ids": [], "mask": [], "length": [], "truncated": []}
+    def sft_rows(batch):
+        """(prompt ids, response ids, response mask) per row: up to the first target token, then the rest."""
+        if "messages" in batch:
+            for messages, targets in zip(batch["messages"], batch["targets"]):
+                ids, mask = tokenizer.encode_chat(json.loads(messages), targets=targets)
+                first = mask.index(1) if 1 in mask else len(ids)
+                yield ids[:first], ids[first:] + chat_eos, mask[first:] + [1] * len(chat_eos)
+            return
         for encoded, targets in zip(_encode_pieces(tokenizer, batch["pieces"]), batch["targets"]):
             first_target = targets.index(True)
             prompt = bos + [t for piece in encoded[:first_target] for t in piece]
@@ -89,7 +111,11 @@ def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, schema: str, *, max_len
             for piece, is_target in zip(encoded[first_target:], targets[first_target:]):
                 response += piece
                 mask += [int(is_target)] * len(piece)
-            response, mask = response + eos, mask + [1]
+            yield prompt, response + eos, mask + [1]
+
+    def sft_fn(batch):
+        out = {"ids": [], "mask": [], "length": [], "truncated": []}
+        for prompt, response, mask in sft_rows(batch):
             prompt, response, cut = _truncate_prompt_response(prompt, response, max_len, max_prompt_len)
             mask = mask[: len(response)]
             if not any(mask):
@@ -100,15 +126,27 @@ def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, schema: str, *, max_len
             out["truncated"].append(cut)
         return out
 
-    def preference_fn(batch):
-        out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "length": [], "truncated": []}
+    def preference_rows(batch):
+        """(prompt ids, chosen ids, rejected ids) per row; both responses follow the same prompt ids."""
+        if "prompt_messages" in batch:
+            for p, c, r in zip(batch["prompt_messages"], batch["chosen_messages"], batch["rejected_messages"]):
+                prompt = json.loads(p)
+                prompt_ids, chosen, chosen_mask = tokenizer.encode_chat_continuation(prompt, json.loads(c))
+                _, rejected, rejected_mask = tokenizer.encode_chat_continuation(prompt, json.loads(r))
+                yield prompt_ids, _through_last_target(chosen, chosen_mask) + chat_eos, \
+                    _through_last_target(rejected, rejected_mask) + chat_eos
+            return
         prompts = _encode_pieces(tokenizer, batch["prompt_pieces"])
         chosen = tokenizer.encode_batch(batch["chosen"], continuation=True)
         rejected = tokenizer.encode_batch(batch["rejected"], continuation=True)
         for p_pieces, c, r in zip(prompts, chosen, rejected):
-            prompt = bos + [t for piece in p_pieces for t in piece]
-            p1, c1, cut_c = _truncate_prompt_response(prompt, c + eos, max_len, max_prompt_len)
-            _, r1, cut_r = _truncate_prompt_response(prompt, r + eos, max_len, max_prompt_len)
+            yield bos + [t for piece in p_pieces for t in piece], c + eos, r + eos
+
+    def preference_fn(batch):
+        out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "length": [], "truncated": []}
+        for prompt, c, r in preference_rows(batch):
+            p1, c1, cut_c = _truncate_prompt_response(prompt, c, max_len, max_prompt_len)
+            _, r1, cut_r = _truncate_prompt_response(prompt, r, max_len, max_prompt_len)
             if not c1 or not r1 or c1 == r1:  # nothing to learn from: dropped and counted, never a NaN
                 continue
             out["prompt_ids"].append(p1)
@@ -119,7 +157,12 @@ def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, schema: str, *, max_len
         return out
 
     def prompts_fn(batch):
-        prompts = [bos + [t for piece in pieces for t in piece] for pieces in _encode_pieces(tokenizer, batch["prompt_pieces"])]
+        if "prompt_messages" in batch:
+            prompts = [tokenizer.encode_chat(json.loads(m), add_generation_prompt=True)[0]
+                       for m in batch["prompt_messages"]]
+        else:
+            prompts = [bos + [t for piece in pieces for t in piece]
+                       for pieces in _encode_pieces(tokenizer, batch["prompt_pieces"])]
         cut = [p[-max_prompt_len:] for p in prompts]
         return {"prompt_ids": cut, "length": [len(p) for p in cut],
                 "truncated": [len(a) != len(b) for a, b in zip(cut, prompts)]}
@@ -131,8 +174,8 @@ def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, schema: str, *, max_len
     features = datasets.Features({**{c: _INT_LIST for c in columns}, "length": datasets.Value("int32"),
                                   "truncated": datasets.Value("bool")})
     out = ds.map(fn, batched=True, remove_columns=ds.column_names, features=features, desc=f"tokenizing ({schema})",
-                 new_fingerprint=_fingerprint(ds, "tokenize", tokenizer.fingerprint(), schema, max_len,
-                                              max_prompt_len, add_bos))
+                 new_fingerprint=_fingerprint(ds, "tokenize", tokenizer.fingerprint(), tokenizer.chat_template, schema,
+                                              max_len, max_prompt_len, add_bos))
     stats = {"rows": len(out), "dropped": len(ds) - len(out), "truncated": int(np.sum(out["truncated"]))}
     return out.remove_columns("truncated"), stats
 

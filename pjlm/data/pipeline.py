@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Optional
@@ -10,15 +11,14 @@ import datasets
 import jax
 
 from pjlm.config import DataConfig
-from pjlm.data import batching, sources, synthetic
+from pjlm.data import batching, formats, sources, synthetic
 from pjlm.data.loader import Batcher
-from pjlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
+from pjlm.data.tokenizer import ChatTemplate, SentencePieceTokenizer, Tokenizer, load_tokenizer
 from pjlm.errors import CheckpointError, ConfigError, DataError
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")
-_SCHEMA_OF_PHASE = {"pretrain": "text", "sft": "sft", "reward": "preference", "dpo": "preference",
-                    "ppo": "prompts"}
+_SCHEMA_OF_PHASE = formats.KIND_OF_PHASE
 REVIEW_PROMPT = "Write a review.\n"
 
 
@@ -54,14 +54,15 @@ def synthetic_rows(phase: str, n_docs: int, seed: int = 0) -> datasets.Dataset:
 def load_rows(cfg: DataConfig, phase: str) -> tuple[datasets.Dataset, Optional[datasets.Dataset], str, dict]:
     """Normalised train and held-out rows, the schema, and the normalisation stats (with
     `on_error="skip"`, "skipped" counts every dropped line and row; see `sources.normalize`)."""
-    schema = cfg.schema or _SCHEMA_OF_PHASE.get(phase)
+    schema = cfg.schema or _SCHEMA_OF_PHASE.get(phase)  # a kind, or a format the phase's kind must take
+    options = dict(on_error=cfg.on_error, phase=phase if phase in _SCHEMA_OF_PHASE else None, train_on=cfg.train_on)
     if cfg.source == "synthetic":
         rows, stats = sources.normalize(synthetic_rows(phase, cfg.synthetic_docs, cfg.seed), schema,
-                                        on_error=cfg.on_error, source="synthetic")
+                                        source="synthetic", **options)
     else:
-        rows, stats = _read_normalized(cfg.source, schema, cfg.on_error)
+        rows, stats = _read_normalized(cfg.source, schema, cfg, **options)
     if cfg.eval_source:
-        eval_rows, _ = _read_normalized(cfg.eval_source, stats["schema"], cfg.on_error)
+        eval_rows, _ = _read_normalized(cfg.eval_source, cfg.schema or stats["schema"], cfg, **options)
     elif cfg.eval_rows > 0:
         if len(rows) <= cfg.eval_rows:
             raise DataError(f"data.eval_rows={cfg.eval_rows} leaves no training rows: data.source {cfg.source} has "
@@ -73,14 +74,22 @@ def load_rows(cfg: DataConfig, phase: str) -> tuple[datasets.Dataset, Optional[d
     return rows, eval_rows, stats["schema"], stats
 
 
-def _read_normalized(source: str, schema: Optional[str], on_error: str) -> tuple[datasets.Dataset, dict]:
-    """A comma-separated data.source read, checked and normalised; what reading dropped is counted."""
-    raw, skipped = sources.read_source([s.strip() for s in source.split(",")], on_error=on_error)
-    return sources.normalize(raw, schema, on_error=on_error, source=source, skipped=skipped)
+def _read_normalized(source: str, schema: Optional[str], cfg: DataConfig, **options) -> tuple[datasets.Dataset, dict]:
+    """A comma-separated data.source read, checked and normalised; what reading dropped is counted.
+    A Hub dataset is read at data.split / data.subset / data.revision."""
+    raw, skipped = sources.read_source([s.strip() for s in source.split(",")], split=cfg.split, subset=cfg.subset,
+                                       revision=cfg.revision, text_unit=cfg.text_unit, on_error=options["on_error"])
+    return sources.normalize(raw, schema, source=source, skipped=skipped, **options)
 
 
 def _texts_for_tokenizer(rows: datasets.Dataset, schema: str, limit: int = 20000):
     subset = rows.select(range(min(limit, len(rows))))
+    chat = [c for c in subset.column_names if c == "messages" or c.endswith("_messages")]
+    if chat:  # conversations as pjlm's ChatTemplate writes them: a tokenizer trained here uses its markers
+        for row in subset:
+            for column in chat:
+                yield "".join(p for p, _ in ChatTemplate().pieces(json.loads(row[column])))
+        return
     if schema == "text":
         yield from subset["text"]
     elif schema == "sft":

@@ -1,23 +1,17 @@
-"""Datasets in the common schemas, loaded with `datasets` and normalised to text pieces.
+"""Datasets in the common formats, loaded with `datasets` and normalised (see `pjlm.data.formats`:
+which formats exist, which phase takes which, and the normalised rows they become).
 
-Schemas (detected from the columns, or named):
-
-| schema | accepted columns | normalised columns |
-|---|---|---|
-| `text` | `text` | `text` |
-| `sft` | `prompt` + `response`, or `messages` (role/content dicts) | `pieces` [str], `targets` [bool] |
-| `preference` | `prompt` + `chosen` + `rejected` strings; `chosen` + `rejected` full transcripts (Anthropic-HH: the shared prefix up to the last "Assistant:" is the prompt); `chosen` + `rejected` message lists (UltraFeedback-binarized: the shared leading turns are the prompt) | `prompt_pieces` [str], `chosen` str, `rejected` str |
-| `prompts` | `prompt` string or `messages` list | `prompt_pieces` [str] |
-
-Message lists go through the chat template; plain strings are concatenated as they are. Other columns
-are ignored. A row that does not fit raises `DataError` naming the row and the field, or with
-`on_error="skip"` is dropped and counted.
+Other columns are ignored. A row that does not fit raises `DataError` naming the row and the field, or
+with `on_error="skip"` is dropped and counted. Conversations stay messages in the normalised rows and
+are rendered at tokenization (`Tokenizer.encode_chat`), where the tokenizer's own chat template is
+known.
 
 Local files are checked before `datasets` reads them, so a bad file fails with its name and the place:
 invalid UTF-8 names the byte offset and line, malformed JSON the line (JSON lines) or line and column
 (one JSON document). With `on_error="skip"`, `read_source` drops such lines of JSON-lines and text
 files and counts them. Problems of a whole file (missing, empty, unreadable, columns that fit no
-schema) always raise.
+format) always raise. A text file's documents are its lines, its blank-line-separated paragraphs or the
+whole file (`text_unit`); blank lines only separate documents, they are never rows.
 """
 
 from __future__ import annotations
@@ -32,97 +26,105 @@ from typing import Any, Literal, Optional, Sequence
 
 import datasets
 
-from pjlm.data.tokenizer import ChatTemplate
+from pjlm.data import formats
 from pjlm.errors import DataError  # re-exported: pjlm.data.sources.DataError
 
 Schema = Literal["text", "sft", "preference", "prompts"]
-SCHEMAS = ("text", "sft", "preference", "prompts")
+SCHEMAS = formats.KINDS
+TEXT_UNITS = ("line", "paragraph", "file")
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
              ".csv": "csv"}
-_NEEDS = {"text": ({"text"},), "sft": ({"prompt", "response"}, {"messages"}), "preference": ({"chosen", "rejected"},),
-          "prompts": ({"prompt"}, {"messages"})}  # a schema's columns: any one of these sets
+_SAMPLE_BY = {"line": "line", "paragraph": "paragraph", "file": "document"}  # datasets' text builder
 _SKIP_REASONS = {"skipped_malformed": "malformed JSON", "skipped_bad_utf8": "invalid UTF-8"}
-_HH_ASSISTANT = "\n\nAssistant:"
 
 
 class MissingDataFile(DataError, FileNotFoundError):
     """A data file that does not exist; the message names it."""
 
 
-def load_source(source: str | os.PathLike | Sequence[str], *, split: str = "train") -> datasets.Dataset:
+def load_source(source: str | os.PathLike | Sequence[str], *, split: str = "train", **options) -> datasets.Dataset:
     """Local json/jsonl/parquet/text/csv file(s) by suffix, or a Hub dataset name (needs the network).
     Any bad line raises `DataError`; `read_source(..., on_error="skip")` drops and counts them instead."""
-    return read_source(source, split=split)[0]
+    return read_source(source, split=split, **options)[0]
 
 
-def read_source(source: str | os.PathLike | Sequence[str], *, split: str = "train",
+def read_source(source: str | os.PathLike | Sequence[str], *, split: str = "train", subset: Optional[str] = None,
+                revision: Optional[str] = None, text_unit: str = "line",
                 on_error: str = "raise") -> tuple[datasets.Dataset, dict]:
     """The dataset, and the lines reading dropped: {"skipped_malformed": n, "skipped_bad_utf8": n}
-    (zero unless `on_error="skip"`). Pass the second to `normalize(..., skipped=)` to count them."""
+    (zero unless `on_error="skip"`). Pass the second to `normalize(..., skipped=)` to count them.
+    A Hub dataset is `load_dataset(name, subset, split=split, revision=revision)`; local files are
+    one split. `text_unit`: a text file's documents are its lines, paragraphs, or the whole file."""
     _check_on_error(on_error)
+    if text_unit not in TEXT_UNITS:
+        raise DataError(f"data.text_unit={text_unit!r}; choose {', '.join(TEXT_UNITS)}")
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     paths = [Path(p) for p in items if str(p).strip()]
     if not paths:
         raise DataError("data.source is empty; name local data files (comma-separated) or a Hub dataset")
     if all(p.exists() for p in paths):
-        return _read_files(paths, on_error)
+        return _read_files(paths, on_error, text_unit)
     name = str(paths[0])
     if len(paths) == 1 and not name.startswith((".", "/", "~")) and paths[0].suffix.lower() not in _BUILDERS:
         try:
-            return datasets.load_dataset(name, split=split), dict.fromkeys(_SKIP_REASONS, 0)
+            ds = datasets.load_dataset(name, subset, split=split, revision=revision)
         except Exception as e:
-            raise DataError(f"cannot load {name!r} as a Hub dataset ({_root_cause(e)}); check data.source: a local "
-                            "file must exist, a Hub name needs the network or a cached copy") from e
+            raise DataError(f"cannot load {name!r} as a Hub dataset ({_root_cause(e)}); check data.source, "
+                            "data.subset, data.split and data.revision: a local file must exist, a Hub name needs "
+                            "the network or a cached copy") from e
+        return ds, dict.fromkeys(_SKIP_REASONS, 0)
     missing = ", ".join(str(p) for p in paths if not p.exists())
     raise MissingDataFile(f"no such data file: {missing}; fix the path in data.source")
 
 
 def detect_schema(columns: Sequence[str], source: Optional[str] = None) -> Schema:
-    schema = _fitting_schema(set(columns))
-    if schema is None:
-        where = f" in {source}" if source else ""
-        raise DataError(f"cannot detect a schema from columns {sorted(columns)}{where}; expected text, "
-                        "prompt+response, messages, chosen+rejected (with or without prompt) or prompt; "
-                        "rename the columns")
-    return schema
+    """The kind a dataset's columns make when no phase names one (see `pjlm.data.formats`)."""
+    return formats.detect(columns, None, None, source=source)[0]
 
 
-def normalize(ds: datasets.Dataset, schema: Optional[Schema] = None, *, on_error: str = "raise",
-              template: ChatTemplate = ChatTemplate(), source: Optional[str] = None,
-              skipped: Optional[dict] = None) -> tuple[datasets.Dataset, dict]:
-    """The dataset in its schema's normalised columns, and {"schema", "rows", "skipped"}.
+def normalize(ds: datasets.Dataset, schema: Optional[str] = None, *, on_error: str = "raise",
+              source: Optional[str] = None, skipped: Optional[dict] = None, phase: Optional[str] = None,
+              train_on: str = "all_assistant") -> tuple[datasets.Dataset, dict]:
+    """The dataset in its kind's normalised columns, and {"schema", "format", "rows", "skipped"}.
 
-    `source` names the data in errors; `skipped` is what `read_source` dropped: it adds to "skipped",
-    and each nonzero count ("skipped_malformed", "skipped_bad_utf8") is kept as its own key."""
+    `schema`: a kind (text, sft, preference, prompts: what the phase consumes) or a format name (then
+    `phase` gives the kind); None detects both from the columns. `phase` words the errors. `train_on`:
+    a conversation's targets are every assistant turn, or only the last. `source` names the data in
+    errors; `skipped` is what `read_source` dropped: it adds to "skipped", and each nonzero count
+    ("skipped_malformed", "skipped_bad_utf8") is kept as its own key."""
     _check_on_error(on_error)
-    schema = schema or detect_schema(ds.column_names, source)
-    if schema not in SCHEMAS:
-        raise DataError(f"unknown schema {schema!r}; set data.schema to one of {', '.join(SCHEMAS)}")
-    _check_columns(ds.column_names, schema, source)
-    row_fn = {"text": _text_row, "sft": _sft_row, "preference": _preference_row, "prompts": _prompt_row}[schema]
+    fmt = schema if schema in formats.FORMATS else None
+    kind = formats.KIND_OF_PHASE.get(phase) if fmt else schema
+    kind, fmt, columns = formats.detect(ds.column_names, kind, fmt, phase=phase, source=source)
+    conversational = formats.is_conversational(ds, columns)
+    row_fn = formats.row_function(kind, fmt, columns, train_on)
     where = f"{source} " if source else ""
+    features = formats.features(kind, conversational)
 
     def batch_fn(batch: dict, indices: list[int]) -> dict:
-        out: dict[str, list] = {}
+        out: dict[str, list] = {key: [] for key in features}
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         for index, row in zip(indices, rows):
             try:
-                normalised = row_fn(row, template)
+                normalised = row_fn(row)
+                if set(normalised) != set(features):
+                    raise DataError("its fields mix strings and message lists; give every row in one form")
             except DataError as e:
                 if on_error == "raise":
                     raise DataError(f"{where}row {index}: {e}; fix or remove that row, "
                                     "or set data.on_error=skip") from None
                 continue
             for key, value in normalised.items():
-                out.setdefault(key, []).append(value)
-        return out or {key: [] for key in _COLUMNS[schema]}
+                out[key].append(value)
+        return out
 
     result = ds.map(batch_fn, batched=True, with_indices=True, remove_columns=ds.column_names,
-                    features=_FEATURES[schema], desc=f"normalising ({schema})")
+                    features=features, desc=f"normalising ({fmt} for {kind})")
     read = {key: n for key, n in (skipped or {}).items() if n}
-    stats = {"schema": schema, "rows": len(result), "skipped": len(ds) - len(result) + sum(read.values()), **read}
+    stats = {"schema": kind, "rows": len(result),
+             "skipped": len(ds) - len(result) + sum(read.values()), **read}
     if len(result) == 0:
-        raise DataError(_no_rows_message(ds, row_fn, template, source, read))
+        raise DataError(_no_rows_message(ds, row_fn, source, read))
     return result, stats
 
 
@@ -131,37 +133,14 @@ def _check_on_error(on_error: str) -> None:
         raise DataError(f"data.on_error={on_error!r}; choose raise or skip")
 
 
-def _fitting_schema(cols: set) -> Optional[Schema]:
-    if {"chosen", "rejected"} <= cols:
-        return "preference"
-    if {"prompt", "response"} <= cols or "messages" in cols:
-        return "sft"
-    if "text" in cols:
-        return "text"
-    if "prompt" in cols:
-        return "prompts"
-    return None
-
-
-def _check_columns(columns: Sequence[str], schema: Schema, source: Optional[str]) -> None:
-    """Raise unless the columns hold one of the schema's column sets (other columns are ignored)."""
-    if any(need <= set(columns) for need in _NEEDS[schema]):
-        return
-    needs = " or ".join("+".join(sorted(need)) for need in _NEEDS[schema])
-    fits = _fitting_schema(set(columns))
-    fits = f" (they fit {fits!r})" if fits else ""
-    raise DataError(f"{source + ': ' if source else ''}columns {sorted(columns)} do not fit the {schema!r} schema, "
-                    f"which needs {needs}{fits}; rename the columns, or point data.source at {schema} data")
-
-
-def _no_rows_message(ds: datasets.Dataset, row_fn, template: ChatTemplate, source: Optional[str], read: dict) -> str:
+def _no_rows_message(ds: datasets.Dataset, row_fn, source: Optional[str], read: dict) -> str:
     name = source or "the dataset"
     if not len(ds) and not read:
         return f"{name} has no rows; put rows in it or fix data.source"
     parts = _skipped_lines(read)
     if len(ds):
         try:
-            row_fn(ds[0], template)
+            row_fn(ds[0])
             first = ""
         except DataError as e:
             first = f"; first: row 0: {e}"
@@ -180,14 +159,14 @@ def _skipped_lines(skipped: dict) -> list[str]:
 _CHUNK = 1 << 24
 
 
-def _read_files(paths: list[Path], on_error: str) -> tuple[datasets.Dataset, dict]:
+def _read_files(paths: list[Path], on_error: str, text_unit: str = "line") -> tuple[datasets.Dataset, dict]:
     builder = _builder_of(paths)
     skipped = dict.fromkeys(_SKIP_REASONS, 0)
     with tempfile.TemporaryDirectory(prefix="pjlm-data-") as tmp:
         files = [_prescan(p, builder, on_error, skipped, Path(tmp)) for p in paths]
         for attempt in range(2):  # if the loader fails on JSON, find the bad line, then load again
             try:
-                return _load(builder, files, paths, skipped), skipped
+                return _load(builder, files, paths, skipped, text_unit), skipped
             except DataError:
                 raise
             except Exception as e:
@@ -204,14 +183,23 @@ def _builder_of(paths: list[Path]) -> str:
     return builders.pop()
 
 
-def _load(builder: str, files: list[Optional[Path]], paths: list[Path], skipped: dict) -> datasets.Dataset:
+def _load(builder: str, files: list[Optional[Path]], paths: list[Path], skipped: dict,
+          text_unit: str = "line") -> datasets.Dataset:
     """Files that kept no line (None) are left out; none at all is an error naming what was dropped."""
     kept = [str(f) for f in files if f is not None]
     if not kept:
         raise DataError(f"no usable rows in {', '.join(map(str, paths))} ({sum(skipped.values())} skipped: "
                         f"{', '.join(_skipped_lines(skipped))}); fix the data")
     options = {"features": _csv_text_features(kept[0])} if builder == "csv" else {}
-    return datasets.load_dataset(builder, data_files=kept, split="train", **options)
+    if builder == "text":
+        options["sample_by"] = _SAMPLE_BY[text_unit]
+    ds = datasets.load_dataset(builder, data_files=kept, split="train", **options)
+    if builder == "text":  # blank lines separate documents; they are never documents themselves
+        if text_unit == "paragraph":  # a run of 3+ newlines leaves newlines at a paragraph's ends
+            ds = ds.map(lambda batch: {"text": [t.strip("\r\n") for t in batch["text"]]}, batched=True,
+                        desc="trimming paragraphs")
+        ds = ds.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True, desc="dropping blank lines")
+    return ds
 
 
 def _csv_text_features(path: str) -> datasets.Features:
@@ -365,102 +353,3 @@ def _unreadable(paths: list[Path], builder: str, e: Exception) -> DataError:
     if "corresponds to no data" in cause:
         return DataError(f"data file {names} has no rows; put rows in it or remove it from data.source")
     return DataError(f"cannot read {names} as {builder} ({cause}); check that the file is valid {builder}")
-
-
-def _string(row: dict, field: str, *, allow_empty: bool = False) -> str:
-    value = row.get(field)
-    if not isinstance(value, str):
-        raise DataError(f"field {field!r} must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise DataError(f"field {field!r} is empty")
-    return value
-
-
-def _messages(row: dict, field: str) -> list[dict]:
-    value = row.get(field)
-    if not isinstance(value, list) or not value:
-        raise DataError(f"field {field!r} must be a non-empty list of messages")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
-            raise DataError(f"field {field!r} message {i} must have role system/user/assistant and string content")
-    return value
-
-
-def _text_row(row: dict, template: ChatTemplate) -> dict:
-    return {"text": _string(row, "text")}
-
-
-def _sft_row(row: dict, template: ChatTemplate) -> dict:
-    if row.get("messages") is not None:
-        messages = _messages(row, "messages")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError("field 'messages' has no assistant turn to learn from")
-        pieces = template.pieces(messages)
-        return {"pieces": [p for p, _ in pieces], "targets": [t for _, t in pieces]}
-    return {"pieces": [_string(row, "prompt", allow_empty=True), _string(row, "response")], "targets": [False, True]}
-
-
-def _preference_row(row: dict, template: ChatTemplate) -> dict:
-    chosen, rejected = row.get("chosen"), row.get("rejected")
-    if isinstance(chosen, list) or isinstance(rejected, list):
-        return _preference_messages(row, template)
-    if row.get("prompt") is not None:
-        if isinstance(row["prompt"], list):
-            prompt = template.pieces(_messages(row, "prompt"), add_generation_prompt=True)
-            return {"prompt_pieces": [p for p, _ in prompt], "chosen": _string(row, "chosen") + template.end,
-                    "rejected": _string(row, "rejected") + template.end}
-        return {"prompt_pieces": [_string(row, "prompt", allow_empty=True)], "chosen": _string(row, "chosen"),
-                "rejected": _string(row, "rejected")}
-    chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
-    prompt = _shared_transcript_prefix(chosen, rejected)
-    return {"prompt_pieces": [prompt], "chosen": chosen[len(prompt):], "rejected": rejected[len(prompt):]}
-
-
-def _shared_transcript_prefix(chosen: str, rejected: str) -> str:
-    """The prompt of two full transcripts: their common prefix, cut after its last "Assistant:"."""
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
-    common = chosen[:n]
-    cut = common.rfind(_HH_ASSISTANT)
-    if cut < 0:
-        raise DataError("fields 'chosen' and 'rejected' share no prefix ending in '\\n\\nAssistant:'; "
-                        "give a separate 'prompt' column")
-    prompt = common[:cut + len(_HH_ASSISTANT)]
-    if len(prompt) == len(chosen) or len(prompt) == len(rejected):
-        raise DataError("field 'chosen' or 'rejected' has no response after the shared prompt")
-    return prompt
-
-
-def _preference_messages(row: dict, template: ChatTemplate) -> dict:
-    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
-    for name, messages in (("chosen", chosen), ("rejected", rejected)):
-        if messages[-1]["role"] != "assistant":
-            raise DataError(f"field {name!r} must end with an assistant message")
-    if chosen[:-1] != rejected[:-1]:
-        raise DataError("fields 'chosen' and 'rejected' must share every turn but the last")
-    prompt = template.pieces(chosen[:-1], add_generation_prompt=True)
-    return {"prompt_pieces": [p for p, _ in prompt], "chosen": chosen[-1]["content"] + template.end,
-            "rejected": rejected[-1]["content"] + template.end}
-
-
-def _prompt_row(row: dict, template: ChatTemplate) -> dict:
-    if isinstance(row.get("messages"), list) or isinstance(row.get("prompt"), list):
-        field = "messages" if isinstance(row.get("messages"), list) else "prompt"
-        prompt = template.pieces(_messages(row, field), add_generation_prompt=True)
-        return {"prompt_pieces": [p for p, _ in prompt]}
-    return {"prompt_pieces": [_string(row, "prompt")]}
-
-
-_FEATURES: dict[str, Any] = {
-    "text": datasets.Features({"text": datasets.Value("string")}),
-    "sft": datasets.Features({"pieces": datasets.Sequence(datasets.Value("string")),
-                              "targets": datasets.Sequence(datasets.Value("bool"))}),
-    "preference": datasets.Features({"prompt_pieces": datasets.Sequence(datasets.Value("string")),
-                                     "chosen": datasets.Value("string"), "rejected": datasets.Value("string")}),
-    "prompts": datasets.Features({"prompt_pieces": datasets.Sequence(datasets.Value("string"))}),
-}
-_COLUMNS = {schema: list(features) for schema, features in _FEATURES.items()}

@@ -11,6 +11,11 @@ models that add a dummy "▁" prefix (Llama-2), the continuation encoder has it 
 sentencepiece model here strips or collapses whitespace, so concatenated ids decode to the
 concatenated text.
 
+Conversations: `Tokenizer.encode_chat(messages) -> (ids, assistant_mask)`. A Hugging Face tokenizer
+with a chat template (tokenizer_config.json's "chat_template", or chat_template.jinja beside it) renders
+with it exactly as transformers' `apply_chat_template` does (`pjlm.data.chat`); every other tokenizer
+uses pjlm's `ChatTemplate` markers.
+
 Round trips: a tokenizer trained here decodes `encode(text)` to `text` exactly, for any text
 (whitespace, newlines, digits, unseen characters through byte fallback), with one exception
 inherent to sentencepiece: a literal U+2581 ('▁') in the text decodes as a space.
@@ -40,6 +45,8 @@ class Tokenizer(abc.ABC):
     bos_id: Optional[int]
     eos_id: int
     pad_id: int
+    chat_template: Optional[str] = None
+    """The model's own chat template (Jinja), or None: conversations use pjlm's `ChatTemplate` markers."""
 
     @abc.abstractmethod
     def encode(self, text: str, *, continuation: bool = False) -> list[int]:
@@ -70,6 +77,29 @@ class Tokenizer(abc.ABC):
     def encode_pieces(self, pieces: Sequence[str]) -> list[list[int]]:
         """Each piece encoded on its own, later ones as continuations of the text before them."""
         return [self.encode(p, continuation=i > 0) for i, p in enumerate(pieces)]
+
+    def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = False,
+                    targets: Optional[Sequence[bool]] = None) -> tuple[list[int], list[int]]:
+        """(ids, assistant_mask) of a whole conversation, a complete sequence (bos included where the
+        template or tokenizer has one). The mask is 1 on the content and end-of-turn tokens of the
+        messages flagged in `targets` (default: every assistant message). pjlm's `ChatTemplate` here;
+        a tokenizer with its own template renders with that."""
+        return ChatTemplate().render(self, messages, add_generation_prompt=add_generation_prompt, targets=targets)
+
+    def encode_chat_continuation(self, prompt: Sequence[dict],
+                                 completion: Sequence[dict]) -> tuple[list[int], list[int], list[int]]:
+        """(prompt ids, completion ids, completion mask): the prompt with its generation prompt, encoded
+        the same way for every completion of it (DPO's chosen and rejected share these ids exactly)."""
+        if not completion or completion[0].get("role") != "assistant":
+            raise ValueError("a completion must start with an assistant message")
+        template = ChatTemplate()
+        prompt_ids, _ = template.render(self, prompt, add_generation_prompt=True)
+        pieces = template.pieces(completion)[1:]  # its first header is the prompt's generation prompt
+        ids, mask = [], []
+        for (_, target), piece_ids in zip(pieces, self.encode_pieces(["", *[p for p, _ in pieces]])[1:]):
+            ids += piece_ids
+            mask += [int(target)] * len(piece_ids)
+        return prompt_ids, ids, mask
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -153,7 +183,8 @@ class HFTokenizer(Tokenizer):
     _EOS = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>", "<|im_end|>")
 
     def __init__(self, tokenizer_json: str, bos: Optional[str] = None, eos: Optional[str] = None,
-                 pad: Optional[str] = None):
+                 pad: Optional[str] = None, chat_template: Optional[str] = None,
+                 special_tokens: Optional[dict] = None):
         try:
             import tokenizers
         except ImportError as e:
@@ -169,6 +200,9 @@ class HFTokenizer(Tokenizer):
         self.eos_id = eos_id
         pad_id = self._first_id([pad]) if pad else None
         self.pad_id = pad_id if pad_id is not None else self.eos_id
+        self.chat_template = chat_template
+        # The template's variables: tokenizer_config.json's special tokens (bos_token, eos_token, …).
+        self._special_tokens = {k: v for k, v in (special_tokens or {}).items() if isinstance(v, str)}
 
     def _first_id(self, names) -> Optional[int]:
         for name in names:
@@ -183,14 +217,19 @@ class HFTokenizer(Tokenizer):
         path = Path(path)
         directory = path if path.is_dir() else path.parent
         json_path = path / "tokenizer.json" if path.is_dir() else path
-        names = {}
+        names, special, template = {}, {}, None
         config_path = directory / "tokenizer_config.json"
         if config_path.exists():
-            config = json.loads(config_path.read_text())
-            for key in ("bos", "eos", "pad"):
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            for key in ("bos", "eos", "pad", "unk"):
                 value = config.get(f"{key}_token")
-                names[key] = value.get("content") if isinstance(value, dict) else value
-        return cls(json_path.read_text(encoding="utf-8"), **names)
+                special[f"{key}_token"] = value.get("content") if isinstance(value, dict) else value
+                if key != "unk":
+                    names[key] = special[f"{key}_token"]
+            template = _template_of(config.get("chat_template"))
+        if (directory / "chat_template.jinja").exists():  # transformers writes it beside the config
+            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(json_path.read_text(encoding="utf-8"), **names, chat_template=template, special_tokens=special)
 
     def save_to(self, directory: str | os.PathLike) -> None:
         """tokenizer.json as it was read, and a tokenizer_config.json naming the special tokens in use."""
@@ -199,6 +238,30 @@ class HFTokenizer(Tokenizer):
         names = {f"{k}_token": self._tok.id_to_token(i) for k, i in
                  (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)) if i is not None}
         (directory / "tokenizer_config.json").write_text(json.dumps(names, indent=2), encoding="utf-8")
+        if self.chat_template is not None:
+            (directory / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+
+    def _jinja(self):
+        from pjlm.data import chat
+
+        return chat.JinjaChatTemplate(self.chat_template, tuple(sorted(self._special_tokens.items())))
+
+    def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = False,
+                    targets: Optional[Sequence[bool]] = None) -> tuple[list[int], list[int]]:
+        if self.chat_template is None:
+            return super().encode_chat(messages, add_generation_prompt=add_generation_prompt, targets=targets)
+        from pjlm.data import chat
+
+        return chat.encode(self._jinja(), self._tok, messages, add_generation_prompt=add_generation_prompt,
+                           targets=targets)
+
+    def encode_chat_continuation(self, prompt: Sequence[dict],
+                                 completion: Sequence[dict]) -> tuple[list[int], list[int], list[int]]:
+        if self.chat_template is None:
+            return super().encode_chat_continuation(prompt, completion)
+        from pjlm.data import chat
+
+        return chat.encode_continuation(self._jinja(), self._tok, prompt, completion)
 
     def encode(self, text: str, *, continuation: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -214,6 +277,14 @@ class HFTokenizer(Tokenizer):
 
     def fingerprint(self) -> str:
         return "hf:" + hashlib.sha256(self._json.encode()).hexdigest()[:16]
+
+
+def _template_of(value) -> Optional[str]:
+    """tokenizer_config.json's "chat_template": a string, or a list of {name, template} (the default one)."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        return named.get("default")
+    return value if isinstance(value, str) else None
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -246,13 +317,15 @@ class ChatTemplate:
         except KeyError:
             raise ValueError(f"unknown chat role {role!r}; use system, user or assistant") from None
 
-    def pieces(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-        """(text, is_target) pieces in order; with `add_generation_prompt` an assistant header ends it."""
+    def pieces(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+               targets: Optional[Sequence[bool]] = None) -> list[tuple[str, bool]]:
+        """(text, is_target) pieces in order; with `add_generation_prompt` an assistant header ends it.
+        `targets` flags the messages whose content is a target (default: the assistant messages)."""
         out: list[tuple[str, bool]] = []
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
-            target = message["role"] == "assistant"
+            target = bool(targets[i]) if targets is not None else message["role"] == "assistant"
             out.append((self.header(message["role"]), False))
             out.append((message["content"] + self.end, target))
             out.append(("\n", False))
@@ -261,9 +334,10 @@ class ChatTemplate:
         return out
 
     def render(self, tokenizer: Tokenizer, messages: Sequence[dict], *, add_bos: bool = True,
-               add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+               add_generation_prompt: bool = False,
+               targets: Optional[Sequence[bool]] = None) -> tuple[list[int], list[int]]:
         """(ids, assistant_mask): mask 1 exactly on the assistant turns' content and end-marker tokens."""
-        pieces = self.pieces(messages, add_generation_prompt)
+        pieces = self.pieces(messages, add_generation_prompt, targets)
         ids, mask = ([tokenizer.bos_id], [0]) if add_bos and tokenizer.bos_id is not None else ([], [])
         for (_, target), piece_ids in zip(pieces, tokenizer.encode_pieces([p for p, _ in pieces])):
             ids += piece_ids

@@ -29,7 +29,8 @@ from pjlm.hf import TensorMap, config_from_hf, config_to_hf, get_path, set_path,
 from pjlm.hf.files import SafetensorsReader, read_json, write_shards
 from pjlm.model import Transformer
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed from the config
 
 
@@ -195,11 +196,12 @@ def write_tokenizer(tokenizer: Tokenizer | str | Path, out: Path) -> Tokenizer:
                 shutil.copyfile(f, out / target)
     elif isinstance(tokenizer, SentencePieceTokenizer):
         tokenizer.save(out / "tokenizer.model")
-    else:  # HFTokenizer keeps its definition as the tokenizer.json text
-        (out / "tokenizer.json").write_text(tokenizer._json, encoding="utf-8")
+    else:  # HFTokenizer: tokenizer.json as read, its special tokens by name, and its chat template
+        tokenizer.save_to(out)
     loaded = _load_tokenizer(out)
     if not (out / "tokenizer_config.json").exists():
         _write_tokenizer_config(loaded, out)
+        loaded = _load_tokenizer(out)  # its special tokens are the chat template's bos_token, eos_token, …
     return loaded
 
 

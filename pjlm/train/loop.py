@@ -310,7 +310,7 @@ def open_run(config: Config, workdir: str | Path, *, allow_config_change: bool =
                                        allow_config_change=allow_config_change, is_main=is_main)
         r = setup(config, workdir, record.pins)
         r.lease = lease
-        record.check_fingerprints(r.tokenizer.fingerprint(), rundir.data_fingerprint(config.data),
+        record.check_fingerprints(rundir.tokenizer_identity(r.tokenizer), rundir.data_fingerprint(config.data),
                                   allow_config_change)
         if is_main:
             record.save()

@@ -196,6 +196,14 @@ def file_fingerprint(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def tokenizer_identity(tokenizer) -> str:
+    """The tokenizer's fingerprint, and its chat template's when it has one (a changed template
+    renders the same conversations into other tokens)."""
+    template = getattr(tokenizer, "chat_template", None)
+    suffix = f"+template:{hashlib.sha256(template.encode()).hexdigest()[:12]}" if template else ""
+    return tokenizer.fingerprint() + suffix
+
+
 def data_fingerprint(data_cfg) -> str:
     """The training and held-out data's identity: file contents for local files, names otherwise."""
     sources = [s.strip() for s in data_cfg.source.split(",")]

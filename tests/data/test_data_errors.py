@@ -132,18 +132,20 @@ def test_missing_columns_list_found_and_expected(tmp_path):
     path = _write(tmp_path / "cols.jsonl", b'{"foo": 1, "bar": "x"}\n')
     for on_error in ("raise", "skip"):
         assert _error(_rows, path, on_error=on_error) == (
-            f"{path}: columns ['bar', 'foo'] do not fit the 'text' schema, which needs text; rename the columns, "
-            "or point data.source at text data")
+            f"{path}: the pretrain phase takes language_modeling (text or messages); the columns ['bar', 'foo'] fit "
+            "none of these; rename the columns, or point data.source at such data")
     parquet = tmp_path / "p.parquet"
     datasets.Dataset.from_dict({"prompt": ["q"], "id": [1]}).to_parquet(str(parquet))
     assert _error(_rows, parquet, "sft") == (
-        f"{parquet}: columns ['id', 'prompt'] do not fit the 'sft' schema, which needs prompt+response or messages "
-        "(they fit 'prompts'); rename the columns, or point data.source at sft data")
+        f"{parquet}: the sft phase takes language_modeling (messages or text), prompt_completion "
+        "(prompt+completion or prompt+response); the columns ['id', 'prompt'] fit none of these (they hold "
+        "prompt_only (prompt) data); rename the columns, or point data.source at such data")
     with_extra = _write(tmp_path / "extra.jsonl", b'{"text": "t", "id": 3, "meta": {"a": 1}}\n')
     assert _rows(with_extra)[0]["text"] == ["t"]  # columns beyond the schema's are ignored
     assert _error(normalize, load_source(path), source=str(path)) == (
-        f"cannot detect a schema from columns ['bar', 'foo'] in {path}; expected text, prompt+response, messages, "
-        "chosen+rejected (with or without prompt) or prompt; rename the columns")
+        f"cannot detect a schema from columns ['bar', 'foo'] in {path}; the formats are explicit_preference "
+        "(prompt+chosen+rejected), implicit_preference (chosen+rejected), prompt_completion (prompt+completion or "
+        "prompt+response), language_modeling (messages or text), prompt_only (prompt); rename the columns")
 
 
 def test_row_problems_name_file_and_row_or_are_skipped_and_counted(tmp_path):

@@ -27,9 +27,9 @@ def test_sft_prompt_response_and_messages(tmp_path):
     path = tmp_path / "m.json"
     path.write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]))
     ds, stats = normalize(load_source(path))
-    assert stats["schema"] == "sft"
-    assert ds[0]["pieces"] == ["<|user|>\n", "hi<|end|>", "\n", "<|assistant|>\n", "yo<|end|>", "\n"]
-    assert ds[0]["targets"] == [False, False, False, False, True, False]
+    assert stats["schema"] == "sft"  # conversations stay messages: the tokenizer's template renders them
+    assert json.loads(ds[0]["messages"]) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert ds[0]["targets"] == [False, True]
 
 
 def test_preference_three_layouts(tmp_path):
@@ -46,8 +46,9 @@ def test_preference_three_layouts(tmp_path):
     uf = {"prompt": "rate it", "chosen": [user, {"role": "assistant", "content": "5"}],
           "rejected": [user, {"role": "assistant", "content": "1"}]}
     row = normalize(load_source(_jsonl(tmp_path / "uf.jsonl", [uf])))[0][0]
-    assert row == {"prompt_pieces": ["<|user|>\n", "rate it<|end|>", "\n", "<|assistant|>\n"],
-                   "chosen": "5<|end|>", "rejected": "1<|end|>"}
+    assert {k: json.loads(v) for k, v in row.items()} == {
+        "prompt_messages": [user], "chosen_messages": [{"role": "assistant", "content": "5"}],
+        "rejected_messages": [{"role": "assistant", "content": "1"}]}
 
 
 def test_prompts(tmp_path):
