@@ -40,7 +40,6 @@ class Recipe:
     batch_size: int = 16
     pack: bool = False
     seq_len: int = 1024
-    max_prompt_len: int = 512
     warmup_ratio: float = 0.03
 
 
@@ -48,8 +47,7 @@ RECIPES = {
     "sft": Recipe(learning_rate=2e-5, lora_learning_rate=2e-4, pack=True),
     "reward": Recipe(learning_rate=1e-5, lora_learning_rate=1e-4, batch_size=16),
     "dpo": Recipe(learning_rate=5e-7, lora_learning_rate=5e-6, batch_size=16),
-    "ppo": Recipe(learning_rate=1e-6, lora_learning_rate=1e-5, batch_size=16, steps=200, seq_len=512,
-                  max_prompt_len=256),
+    "ppo": Recipe(learning_rate=1e-6, lora_learning_rate=1e-5, batch_size=16, steps=200, seq_len=512),
 }
 
 
@@ -147,11 +145,11 @@ def recipe_config(phase: str, model_config: ModelConfig, init_from: str, *, lora
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         optimizer=OptimizerConfig(learning_rate=r.lora_learning_rate if lora else r.learning_rate,
                                   warmup_steps=max(1, int(r.warmup_ratio * steps)), weight_decay=0.0),
-        data=DataConfig(pack=r.pack and phase == "sft", seq_len=seq_len, max_prompt_len=min(r.max_prompt_len, seq_len // 2),
+        data=DataConfig(pack=r.pack and phase == "sft", seq_len=seq_len, max_prompt_len=None,  # = seq_len // 2
                         batch_size=r.batch_size, eval_rows=0),
         train=TrainConfig(phase=phase, steps=steps, log_every=min(10, steps), eval_every=0,
                           checkpoint_every=min(500, steps), init_from=init_from,
-                          logprob_chunk=16384 if model.vocab_size > 65536 else 0),
+                          logprob_chunk=16384 if model.vocab_size > 65536 and model.final_softcap is None else 0),
         preference=PreferenceConfig(beta=0.1),
         lora=lora,
     )

@@ -10,11 +10,27 @@ import pytest
 
 from pjlm import cli, lora, recipes
 from pjlm.config import ConfigError
+from pjlm.data.tokenizer import load_tokenizer
 from pjlm.evaluate import load_policy
-from pjlm_testing import F32_DEEP, assert_close, clear_preferences, hf_tokenizer_dir, require
+from pjlm_testing import F32_DEEP, assert_close, hf_chat_tokenizer_dir, require
 
 TEXTS = [f"The {n} was {a}. Review: it was {b}." for n in ("pasta", "room", "plot", "phone")
          for a in ("great", "awful", "fine") for b in ("lovely", "rude", "boring")] * 4
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def conversational_preferences(path, n: int) -> str:
+    """TRL's conversational preference rows with an explicit prompt: praise is chosen, complaint rejected."""
+    nouns, good, bad = ["pasta", "room", "plot", "phone"], ["great", "lovely"], ["awful", "rude"]
+    with open(path, "w") as f:
+        for i in range(n):
+            noun = nouns[i % 4]
+            f.write(json.dumps({"prompt": [{"role": "user", "content": f"How was the {noun}?"}],
+                                "chosen": [{"role": "assistant", "content": f"The {noun} was {good[i % 2]}."}],
+                                "rejected": [{"role": "assistant", "content": f"The {noun} was {bad[i % 2]}."}]})
+                    + "\n")
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +38,11 @@ def hf_dir(tmp_path_factory):
     """A tiny random Llama with its own byte-level BPE tokenizer, as `save_pretrained` writes it."""
     torch, transformers = require("torch", "transformers")
     root = tmp_path_factory.mktemp("byo") / "tiny-llama"
-    tok = hf_tokenizer_dir(root, TEXTS, vocab_size=300)
+    tok = hf_chat_tokenizer_dir(root, TEXTS, CHATML, vocab_size=300, eos="<|im_end|>")
     config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, tie_word_embeddings=False, eos_token_id=0,
-                                      bos_token_id=1)
+                                      max_position_embeddings=128, tie_word_embeddings=False,
+                                      eos_token_id=tok.token_to_id("<|im_end|>"), bos_token_id=1)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -39,10 +55,10 @@ def hf_dir(tmp_path_factory):
 def test_dpo_in_one_command_then_a_peft_adapter_with_matching_logits(hf_dir, tmp_path, monkeypatch, capsys):
     torch, transformers, peft = require("torch", "transformers", "peft")
     monkeypatch.setenv("PJLM_HOME", str(tmp_path / "home"))
-    prefs = clear_preferences(tmp_path / "prefs.jsonl", n=64)
+    prefs = conversational_preferences(tmp_path / "prefs.jsonl", n=64)
     args = ["dpo", "--model", str(hf_dir), "--dataset", prefs, "--workdir", str(tmp_path / "dpo"), "--lora-rank", "4",
             "--steps", "20", "--set", "data.batch_size=8", "--set", "optimizer.learning_rate=5e-3",
-            "--set", "data.seq_len=32", "--set", "train.log_every=5"]
+            "--set", "data.seq_len=32", "--set", "train.log_every=1"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "train.phase = 'dpo'" in out and "lora.rank = 4" in out and "model.dtype = 'float32'" in out
@@ -50,7 +66,7 @@ def test_dpo_in_one_command_then_a_peft_adapter_with_matching_logits(hf_dir, tmp
     assert len(imports) == 1 and imports[0].name.startswith("tiny-llama-"), "the model is imported once, cached"
     metrics = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
-    assert abs(losses[0] - np.log(2)) < 0.05 and losses[-1] < losses[0] - 0.1, losses
+    assert abs(losses[0] - np.log(2)) < 1e-5 and losses[-1] < losses[0] - 0.1, losses  # at step 1 policy = reference
 
     assert cli.main(["export-hf", "--workdir", str(tmp_path / "dpo"), str(tmp_path / "adapter"), "--adapter-only"]) == 0
     base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -61,6 +77,13 @@ def test_dpo_in_one_command_then_a_peft_adapter_with_matching_logits(hf_dir, tmp
     model, params, _ = load_policy(tmp_path / "dpo")
     got = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens.astype(np.int32))
     assert_close(got, want, F32_DEEP, what="PEFT logits")
+    # The exported tokenizer keeps the model's chat template: transformers renders the same ids as pjlm.
+    messages = [{"role": "user", "content": "How was the soup?"}]
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "adapter")
+    ids, _ = load_tokenizer(tmp_path / "dpo").encode_chat(messages, add_generation_prompt=True)
+    reference = exported.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    reference = reference["input_ids"] if hasattr(reference, "keys") else reference  # a BatchEncoding in 5.x
+    assert list(reference) == list(ids)
 
     # The same command again resumes (nothing to do) and reuses the cached import.
     assert cli.main(args) == 0
