@@ -12,6 +12,7 @@ from pjlm import cli, lora, recipes
 from pjlm.config import ConfigError
 from pjlm.data.tokenizer import load_tokenizer
 from pjlm.evaluate import load_policy
+from pjlm.generate import generate
 from pjlm_testing import F32_DEEP, assert_close, hf_chat_tokenizer_dir, require
 
 TEXTS = [f"The {n} was {a}. Review: it was {b}." for n in ("pasta", "room", "plot", "phone")
@@ -84,6 +85,13 @@ def test_dpo_in_one_command_then_a_peft_adapter_with_matching_logits(hf_dir, tmp
     reference = exported.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     reference = reference["input_ids"] if hasattr(reference, "keys") else reference  # a BatchEncoding in 5.x
     assert list(reference) == list(ids)
+    # Greedy generations from that prompt agree: transformers + PEFT and pjlm's sampler.
+    with torch.no_grad():
+        hf_out = tuned.generate(torch.tensor([list(ids)]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(ids):].tolist()
+    ours = generate(model, params, np.asarray([ids], np.int32), np.ones((1, len(ids)), bool), key=jax.random.PRNGKey(0),
+                    max_new_tokens=8, temperature=0.0, eos_id=None, pad_id=0)
+    assert np.asarray(ours["tokens"])[0, len(ids):].tolist() == hf_out
 
     # The same command again resumes (nothing to do) and reuses the cached import.
     assert cli.main(args) == 0
