@@ -62,7 +62,7 @@ def sample(model: Transformer, params: Any, tokenizer: Tokenizer, prompts: list[
     tokens_BP, mask_BP = _left_padded(tokenizer, prompts)
     tokens_BP, mask_BP = (np.repeat(x, samples_per_prompt, axis=0) for x in (tokens_BP, mask_BP))
     out = generate(model, params, jnp.asarray(tokens_BP), jnp.asarray(mask_BP), key=jax.random.PRNGKey(seed),
-                   max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tokenizer.eos_id,
+                   max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tokenizer.stop_ids,
                    pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
     rollout = {"tokens": out["tokens"], "prompt_mask": jnp.asarray(mask_BP), "response_mask": out["response_mask"]}
     batch = rewards_lib.RewardInput.from_rollout(tokenizer, out["tokens"], mask_BP, out["response_mask"])

@@ -17,12 +17,13 @@ that training recomputes. With temperature 0 (greedy) they are log softmax(logit
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pjlm.model import KVCache, Transformer
 
@@ -88,9 +89,16 @@ def _record(state: _Loop, key, *, temperature, top_k, top_p, eos_id, pad_id, voc
     live_B = ~state.done_B
     token_B = jnp.where(live_B, token_B, pad_id)
     put = lambda buf_BT, x_B: jax.lax.dynamic_update_index_in_dim(buf_BT, x_B.astype(buf_BT.dtype), state.t, 1)
-    done_B = state.done_B if eos_id is None else state.done_B | (token_B == eos_id)
+    done_B = state.done_B if eos_id is None else state.done_B | jnp.isin(token_B, jnp.asarray(eos_id, token_B.dtype))
     return state.replace(tokens_BT=put(state.tokens_BT, token_B), logprobs_BT=put(state.logprobs_BT,
                          jnp.where(live_B, logp_B, 0.0)), mask_BT=put(state.mask_BT, live_B), done_B=done_B)
+
+
+def _stops(eos_id) -> Optional[tuple[int, ...]]:
+    """None, or the stop ids as a sorted tuple (a static, hashable jit argument)."""
+    if eos_id is None:
+        return None
+    return tuple(sorted({int(i) for i in ([eos_id] if isinstance(eos_id, (int, np.integer)) else eos_id)}))
 
 
 def _generate(model: Transformer, params, prompt_tokens_BP, prompt_mask_BP, key, *, max_new_tokens: int,
@@ -134,12 +142,14 @@ _generate_jit = jax.jit(_generate, static_argnames=(
 
 def generate(model: Transformer, params, prompt_tokens_BP, prompt_mask_BP, *, key: jax.Array,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: Optional[int] = None, pad_id: int = 0, vocab_limit: Optional[int] = None) -> dict:
+             eos_id: Optional[int | Sequence[int]] = None, pad_id: int = 0,
+             vocab_limit: Optional[int] = None) -> dict:
     """Continue left-padded prompts: {"tokens" [B, P+T] int32, "logprobs" [B, T] float32,
     "response_mask" [B, T] int32}.
 
     `prompt_tokens_BP` are left-padded with `prompt_mask_BP` 1 on real tokens (at least one per row).
-    A row stops after emitting `eos_id` (included, mask 1) or after `max_new_tokens`; after that its
+    A row stops after emitting `eos_id` (one id or several, e.g. `tokenizer.stop_ids`: eos and the chat
+    template's end-of-turn marker; included, mask 1) or after `max_new_tokens`; after that its
     tokens are `pad_id` with mask 0 and log-prob 0. The whole loop is one jitted computation, compiled
     once per (model, shapes, sampling settings); under `pjlm.sharding.use_mesh` with sharded params
     the cache is sharded by its logical axes (batch over data×fsdp, kv heads over tensor).
@@ -155,5 +165,5 @@ def generate(model: Transformer, params, prompt_tokens_BP, prompt_mask_BP, *, ke
         raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds model.max_len="
                          f"{model.config.max_len}; shorten the prompt or max_new_tokens, or raise max_len")
     return _generate_jit(model, params, prompt_tokens_BP, prompt_mask_BP, key, max_new_tokens=max_new_tokens,
-                         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), eos_id=eos_id,
+                         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), eos_id=_stops(eos_id),
                          pad_id=int(pad_id), vocab_limit=None if vocab_limit is None else int(vocab_limit))

@@ -43,13 +43,15 @@ class RewardInput:
     @classmethod
     def from_rollout(cls, tokenizer, tokens_BS, prompt_mask_BP, response_mask_BT) -> "RewardInput":
         """Decode a sampler rollout ([left-padded prompt | response] tokens and their masks); the
-        response text stops before its EOS, and `finished` records whether there was one."""
+        response text stops before its EOS (or the chat template's end-of-turn marker: the tokenizer's
+        `stop_ids`), and `finished` records whether there was one."""
         tokens = np.asarray(tokens_BS)
         prompt_mask, mask = np.asarray(prompt_mask_BP), np.asarray(response_mask_BT)
         P = prompt_mask.shape[1]
         response = tokens[:, P:]
-        finished = np.array([(row[m > 0] == tokenizer.eos_id).any() for row, m in zip(response, mask)])
-        texts = [tokenizer.decode([t for t, m in zip(row, mm) if m and t != tokenizer.eos_id])
+        stops = list(getattr(tokenizer, "stop_ids", (tokenizer.eos_id,)))
+        finished = np.array([np.isin(row[m > 0], stops).any() for row, m in zip(response, mask)])
+        texts = [tokenizer.decode([t for t, m in zip(row, mm) if m and t not in stops])
                  for row, mm in zip(response, mask)]
         prompts = [tokenizer.decode([t for t, m in zip(row, mm) if m]) for row, mm in zip(tokens[:, :P], prompt_mask)]
         return cls(prompts=prompts, responses=texts, prompt_ids=tokens[:, :P], response_ids=response,

@@ -164,3 +164,23 @@ def test_vocab_limit_keeps_padded_embedding_rows_out_of_the_samples(tiny, prompt
         assert np.isfinite(np.asarray(out["logprobs"])).all()
     same = generate(model, params, *prompts, key=jax.random.key(3), max_new_tokens=T, temperature=1.0, vocab_limit=V)
     np.testing.assert_array_equal(same["tokens"], free["tokens"])  # a limit at V changes nothing
+
+
+def test_a_row_stops_at_any_of_several_stop_ids():
+    """eos_id may be several ids (eos and a chat template's end-of-turn marker): each row stops at the
+    first of them it samples, and samples exactly as with no stop ids until then."""
+    model = Transformer(model_preset("tiny", vocab_size=16, max_len=32))
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    prompts = jnp.asarray(np.random.default_rng(0).integers(0, 16, size=(8, 4)), jnp.int32)
+    mask = jnp.ones((8, 4), bool)
+    free = generate(model, params, prompts, mask, key=jax.random.PRNGKey(1), max_new_tokens=12, eos_id=None)
+    free_new = np.asarray(free["tokens"])[:, 4:]
+    stops = (3, 11)
+    out = generate(model, params, prompts, mask, key=jax.random.PRNGKey(1), max_new_tokens=12, eos_id=stops)
+    new, m = np.asarray(out["tokens"])[:, 4:], np.asarray(out["response_mask"])
+    for row in range(8):
+        hits = [t for t in range(12) if free_new[row, t] in stops]
+        end = hits[0] + 1 if hits else 12
+        assert m[row].tolist() == [1] * end + [0] * (12 - end)
+        assert new[row, :end].tolist() == free_new[row, :end].tolist()
+    assert any(free_new[r, t] in stops for r in range(8) for t in range(11)), "the test must see a stop"

@@ -86,6 +86,22 @@ class Tokenizer(abc.ABC):
         a tokenizer with its own template renders with that."""
         return ChatTemplate().render(self, messages, add_generation_prompt=add_generation_prompt, targets=targets)
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a response: eos, and the marker the chat template closes an assistant
+        message with when that is another token (Gemma's <end_of_turn>, Llama 3's <|eot_id|>, ChatML's
+        <|im_end|>), found by rendering a one-turn exchange: no template's markers are assumed."""
+        try:
+            _, ids, mask = self.encode_chat_continuation([{"role": "user", "content": "Hi"}],
+                                                         [{"role": "assistant", "content": "Hello"}])
+        except Exception:  # a template that cannot render this exchange: eos alone
+            return (self.eos_id,)
+        targets = [i for i, m in zip(ids, mask) if m]
+        last = targets[-1] if targets else self.eos_id
+        if last == self.eos_id or self.decode([last]).strip() in "Hello":
+            return (self.eos_id,)
+        return (self.eos_id, last)
+
     def encode_chat_continuation(self, prompt: Sequence[dict],
                                  completion: Sequence[dict]) -> tuple[list[int], list[int], list[int]]:
         """(prompt ids, completion ids, completion mask): the prompt with its generation prompt, encoded

@@ -179,7 +179,7 @@ def _iteration(r, fns: _Compiled, state: PPOState, ref, it: int) -> tuple[PPOSta
     t0 = time.perf_counter()
     out = generate(r.model, fns.merged(state.policy.params, state.policy.frozen), prompts["tokens"],
                    prompts["prompt_mask"], key=key, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                   eos_id=r.tokenizer.eos_id, pad_id=r.tokenizer.pad_id, vocab_limit=r.tokenizer.vocab_size)
+                   eos_id=r.tokenizer.stop_ids, pad_id=r.tokenizer.pad_id, vocab_limit=r.tokenizer.vocab_size)
     rollout = {"tokens": out["tokens"], "prompt_mask": prompts["prompt_mask"], "response_mask": out["response_mask"]}
     jax.block_until_ready(out)
     t1 = time.perf_counter()

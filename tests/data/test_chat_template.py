@@ -165,3 +165,29 @@ def test_template_travels_with_the_tokenizer(dirs, tmp_path):
     (tmp_path / "listed" / "tokenizer_config.json").write_text(json.dumps(listed))
     (tmp_path / "listed" / "tokenizer.json").write_text((dirs["chatml"] / "tokenizer.json").read_text())
     assert load_tokenizer(tmp_path / "listed").chat_template == CHATML
+
+
+def test_stop_ids_are_eos_and_the_templates_end_of_turn_marker(dirs):
+    """Gemma's eos (<|endoftext|> here) is not what closes an assistant turn (<end_of_turn>): sampling
+    must stop at either. ChatML with eos = <|im_end|> stops at eos alone."""
+    gemma = load_tokenizer(dirs["gemma"])
+    assert gemma.stop_ids == (gemma.eos_id, gemma.token_to_id("<end_of_turn>"))
+    chatml = load_tokenizer(dirs["chatml"])
+    assert chatml.stop_ids == (chatml.token_to_id("<|im_end|>"),) == (chatml.eos_id,)
+
+
+def test_a_rollout_ends_at_any_stop_id():
+    import numpy as np
+
+    from pjlm.rewards import RewardInput
+
+    class Tok:
+        eos_id, stop_ids = 2, (2, 7)
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    tokens = np.array([[5, 9, 7, 0], [5, 9, 2, 0], [5, 9, 4, 4]])
+    mask = np.array([[1, 1, 0], [1, 1, 0], [1, 1, 1]])
+    batch = RewardInput.from_rollout(Tok(), tokens, np.ones((3, 1)), mask)
+    assert batch.finished.tolist() == [True, True, False] and batch.responses == ["9", "9", "9 4 4"]
