@@ -1,5 +1,9 @@
 """DPO with LoRA on top of the SFT run that started from a Hugging Face checkpoint, on one GPU.
 
+    pjlm dpo --model runs/sft-hf --dataset /data/prefs.jsonl --workdir runs/dpo-hf --config experiments/dpo_from_hf.py
+
+or, with this file's own init_from:
+
     pjlm import-hf /models/TinyLlama-1.1B runs/tinyllama-base
     pjlm train experiments/sft_from_hf.py --workdir runs/sft-hf --set data.source=/data/sft.jsonl
     pjlm train experiments/dpo_from_hf.py --workdir runs/dpo-hf --set data.source=/data/prefs.jsonl

@@ -1,5 +1,13 @@
 """Supervised fine-tuning of a Hugging Face checkpoint (TinyLlama-1.1B) on one GPU.
 
+The one-command way, with this file's settings in place of the built-in recipe (the model's shape
+and tokenizer then come from --model, whatever IMPORT_DIR says):
+
+    pjlm sft --model /models/TinyLlama-1.1B --dataset /data/sft.jsonl --workdir runs/sft-hf \
+        --config experiments/sft_from_hf.py
+
+or step by step:
+
     pjlm import-hf /models/TinyLlama-1.1B runs/tinyllama-base
     pjlm train experiments/sft_from_hf.py --workdir runs/sft-hf \\
         --set train.init_from=runs/tinyllama-base --set data.source=/data/sft.jsonl
