@@ -147,6 +147,7 @@ def setup(config: Config, workdir: Path, pins: Optional[dict] = None) -> _Run:
     rows, eval_rows, schema, stats = pipeline.load_rows(config.data, config.train.phase)
     tokenizer = pipeline.get_tokenizer(config.data, workdir, rows, schema, config.train.init_from)
     model_cfg = config.model.replace(vocab_size=_vocab_size(init_from, tokenizer))
+    _check_shape(model_cfg, init_from)
     config = dataclasses.replace(config, model=model_cfg)
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_batches, tok_stats = pipeline.make_batcher(rows, schema, config.data, tokenizer, model_cfg.vocab_size,
@@ -180,6 +181,22 @@ def _vocab_size(init_from: Optional[str], tokenizer) -> int:
                           f"{init_from} has {rows} embedding rows; use the tokenizer it was "
                           "trained with (data.tokenizer)")
     return rows
+
+
+def _check_shape(model_cfg, init_from: Optional[str]) -> None:
+    """The model must have `init_from`'s shape and math (every `model.*` field a resume refuses to
+    change): a mismatch is named field by field here, not deep inside Orbax."""
+    if not init_from:
+        return
+    from pjlm.config_rules import RESUME
+
+    saved = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(init_from))["config"]["model"]
+    ours = json.loads(json.dumps(dataclasses.asdict(model_cfg)))
+    differ = [f"model.{k}={ours[k]!r} (saved: {saved[k]!r})" for k in sorted(saved)
+              if k in ours and RESUME.get(f"model.{k}") == "refuse" and k != "param_dtype" and ours[k] != saved[k]]
+    if differ:
+        raise ConfigError(f"the model does not have the shape of train.init_from={init_from}: {'; '.join(differ)}; "
+                          "take the model from it (pjlm.hf.model_config_of, or `pjlm sft|dpo|… --model`)")
 
 
 def create_or_restore(run: _Run, checkpointer: ckpt_lib.Checkpointer) -> tuple[TrainState, Any]:

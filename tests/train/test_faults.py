@@ -379,3 +379,14 @@ def test_the_sentiment_pipeline_never_starts_a_phase_on_a_preempted_one(tmp_path
     assert len(saved) == 1 and saved[0] < sentiment.SCALES["ci"].pretrain_steps, saved
     assert not (tmp_path / "sft").exists()
     assert not sentiment.finished(tmp_path / "pretrain", sentiment.SCALES["ci"].pretrain_steps)
+
+
+def test_a_model_that_disagrees_with_init_from_is_named_field_by_field(tmp_path):
+    loop.run(tiny_config(train=dict(steps=2, checkpoint_every=2)), tmp_path / "pre")
+    sft = apply_overrides(tiny_config(train=dict(phase="sft", steps=2, init_from=str(tmp_path / "pre"))),
+                          ["model.mlp_dim=96", "model.rope_theta=500000"])
+    with pytest.raises(ConfigError, match=r"does not have the shape of train.init_from=.*pre/checkpoints/2: "
+                                          r"model.mlp_dim=96 \(saved: 128\); model.rope_theta=500000.0 \(saved: "
+                                          r"10000.0\); take the model from it"):
+        loop.run(sft, tmp_path / "sft")
+    assert not (tmp_path / "sft" / "checkpoints").exists()
