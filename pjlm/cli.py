@@ -106,8 +106,9 @@ def _sample(args) -> int:
 
     model, params, tokenizer = load_for_sampling(args.workdir)
     for text in sample_text(model, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, n=args.samples, seed=args.seed):
-        print(json.dumps(args.prompt + text)[1:-1] if args.escape else args.prompt + text)
+                            temperature=args.temperature, n=args.samples, seed=args.seed, chat=args.chat):
+        shown = text if args.chat else args.prompt + text
+        print(json.dumps(shown)[1:-1] if args.escape else shown)
         print("---")
     return 0
 
@@ -129,6 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sample.add_argument("--samples", type=int, default=1)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--escape", action="store_true", help="print newlines as \\n")
+    sample.add_argument("--chat", action="store_true",
+                        help="the prompt is a user message: render it with the model's chat template and print replies")
     _add_phase_commands(sub)
     hf_cli.add_subcommands(sub)
     args = parser.parse_args(argv)

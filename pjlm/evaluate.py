@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +44,17 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def _left_padded(tokenizer: Tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    ids = [([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(p) for p in prompts]
+def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[dict]) -> list[int]:
+    """A prompt's ids: text after bos, or a conversation (a list of messages) rendered by the
+    tokenizer's chat template with its generation prompt, ready for the assistant's reply."""
+    if isinstance(prompt, str):
+        return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
+    ids, _ = tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
+    return list(ids)
+
+
+def _left_padded(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[dict]]) -> tuple[np.ndarray, np.ndarray]:
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     P = max(len(row) for row in ids)
     tokens_BP = np.full((len(ids), P), tokenizer.pad_id, np.int32)
     mask_BP = np.zeros((len(ids), P), np.int32)
@@ -54,10 +63,11 @@ def _left_padded(tokenizer: Tokenizer, prompts: list[str]) -> tuple[np.ndarray, 
     return tokens_BP, mask_BP
 
 
-def sample(model: Transformer, params: Any, tokenizer: Tokenizer, prompts: list[str], *,
+def sample(model: Transformer, params: Any, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[dict]], *,
            samples_per_prompt: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
            seed: int = 0) -> dict:
-    """Samples for every prompt (each prompt's `samples_per_prompt` rows adjacent), as a rollout
+    """Samples for every prompt (text, or a conversation rendered with the chat template's generation
+    prompt; each prompt's `samples_per_prompt` rows adjacent), as a rollout
     {"tokens" [B,P+T], "prompt_mask" [B,P], "response_mask" [B,T]} plus its decoded `RewardInput`."""
     tokens_BP, mask_BP = _left_padded(tokenizer, prompts)
     tokens_BP, mask_BP = (np.repeat(x, samples_per_prompt, axis=0) for x in (tokens_BP, mask_BP))

@@ -77,10 +77,15 @@ def _hub_download(repo_id: str) -> Path:
 
 
 def _import_key(src: Path) -> str:
-    """Identity of an HF directory: its config and the names and sizes of its weight files."""
-    h = hashlib.sha256((src / "config.json").read_bytes())
+    """Identity of an HF directory: its config and tokenizer files' bytes, and the name, size and
+    modification time of each weight file (a model saved again into the same directory, same shapes
+    and all, is imported again; hashing the weights themselves would read gigabytes each start)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in src.iterdir() if p.suffix in (".json", ".jinja", ".model")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
     for f in sorted(src.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:12]
 
 

@@ -32,14 +32,17 @@ def load_for_sampling(workdir: str | Path) -> tuple[Transformer, Any, Tokenizer]
 
 
 def sample_text(model: Transformer, params: Any, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int = 64,
-                temperature: float = 1.0, n: int = 1, seed: int = 0) -> list[str]:
-    """`n` continuations of `prompt` (temperature 0 = greedy), each stopped at eos (not included) or
-    after `max_new_tokens` (fewer if the model's max_len leaves less room)."""
-    prompt_len = len(tokenizer.encode(prompt)) + (tokenizer.bos_id is not None)
+                temperature: float = 1.0, n: int = 1, seed: int = 0, chat: bool = False) -> list[str]:
+    """`n` continuations of `prompt` (temperature 0 = greedy), each stopped at eos or the chat
+    template's end-of-turn marker (not included) or after `max_new_tokens` (fewer if the model's
+    max_len leaves less room). With `chat`, `prompt` is one user message, rendered by the model's chat
+    template with its generation prompt, and the samples are the assistant's replies."""
+    query = [{"role": "user", "content": prompt}] if chat else prompt
+    prompt_len = len(evaluate.prompt_ids(tokenizer, query))
     room = model.config.max_len - prompt_len
     if room <= 0:
         raise ConfigError(f"the prompt has {prompt_len} tokens, no room under model.max_len={model.config.max_len}; "
                           "shorten --prompt")
-    drawn = evaluate.sample(model, params, tokenizer, [prompt], samples_per_prompt=n,
+    drawn = evaluate.sample(model, params, tokenizer, [query], samples_per_prompt=n,
                             max_new_tokens=min(max_new_tokens, room), temperature=temperature, seed=seed)
     return drawn["batch"].responses

@@ -92,6 +92,13 @@ def test_dpo_in_one_command_then_a_peft_adapter_with_matching_logits(hf_dir, tmp
     ours = generate(model, params, np.asarray([ids], np.int32), np.ones((1, len(ids)), bool), key=jax.random.PRNGKey(0),
                     max_new_tokens=8, temperature=0.0, eos_id=None, pad_id=0)
     assert np.asarray(ours["tokens"])[0, len(ids):].tolist() == hf_out
+    # `pjlm sample --chat` renders the prompt the same way and prints the reply, stopped at end of turn.
+    tok = load_tokenizer(tmp_path / "dpo")
+    reply = hf_out[:next((i for i, t in enumerate(hf_out) if t in tok.stop_ids), len(hf_out))]
+    capsys.readouterr()
+    assert cli.main(["sample", "--workdir", str(tmp_path / "dpo"), "--prompt", "How was the soup?", "--chat",
+                     "--temperature", "0", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == tok.decode(reply) + "\n---\n"
 
     # The same command again resumes (nothing to do) and reuses the cached import.
     assert cli.main(args) == 0
@@ -131,3 +138,18 @@ def test_an_experiment_file_that_imports_its_siblings_runs_from_any_directory(tm
                                 "def get_config():\n    return Config(train=TrainConfig(steps=STEPS))\n")
     monkeypatch.chdir(tmp_path)
     assert load_config(str(pkg / "run.py")).train.steps == 17
+
+
+def test_a_model_saved_again_in_place_is_imported_again(hf_dir, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    monkeypatch.setenv("PJLM_HOME", str(tmp_path / "home"))
+    src = tmp_path / "model"
+    shutil.copytree(hf_dir, src)
+    first, _ = recipes.resolve_model(str(src))
+    assert recipes.resolve_model(str(src))[0] == first, "unchanged: the cached import is reused"
+    weights = src / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # saved again: same size
+    assert recipes.resolve_model(str(src))[0] != first
