@@ -48,10 +48,9 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
     return apply_overrides(module.get_config(), overrides)
 
 
-def _train(args) -> int:
+def _run(config: Config, args) -> int:
     from pjlm.train import run
 
-    config = load_config(args.config, args.set or ())
     result = run(config, args.workdir, allow_config_change=args.allow_config_change)
     last = [h for h in result.history if "loss" in h]
     if last:
@@ -59,20 +58,19 @@ def _train(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    return _run(load_config(args.config, args.set or ()), args)
+
+
 def _phase(args) -> int:
     from pjlm import recipes
-    from pjlm.train import run
 
     config = recipes.build(args.command, model=args.model, dataset=args.dataset, split=args.split,
                            subset=args.subset, revision=args.revision, lora_rank=args.lora_rank, steps=args.steps,
                            config=load_config(args.config) if args.config else None, overrides=args.set or (),
                            reward_model=getattr(args, "reward_model", None))
     print(f"pjlm {args.command}: resolved config\n{recipes.describe(config)}", flush=True)
-    result = run(config, args.workdir, allow_config_change=args.allow_config_change)
-    last = [h for h in result.history if "loss" in h]
-    if last:
-        print(f"finished at step {last[-1]['step']}: loss {last[-1]['loss']:.4f}")
-    return 0
+    return _run(config, args)
 
 
 def _add_phase_commands(sub) -> None:
