@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -53,6 +52,7 @@ from pjlm import evaluate, rewards
 from pjlm.config import (Config, DataConfig, MeshConfig, OptimizerConfig, PPOConfig, PreferenceConfig, TrainConfig,
                          model_preset)
 from pjlm.data import synthetic
+from pjlm.fileio import write_atomic
 from pjlm.sample import load_for_sampling
 
 
@@ -152,14 +152,6 @@ def split_review(review: str, rng: random.Random) -> Optional[tuple[str, str]]:
     if len(words) < k + 3:
         return None
     return " ".join(words[:k]), " " + " ".join(words[k:])
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file: a crash leaves no half-written file for a re-run to trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

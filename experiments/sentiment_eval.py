@@ -19,8 +19,9 @@ import numpy as np
 from pjlm import checkpoint as ckpt_lib
 from pjlm import evaluate, sharding
 from pjlm.config import MeshConfig
+from pjlm.fileio import write_atomic
 from pjlm.sample import load_for_sampling
-from experiments.sentiment import Scale, read_jsonl, sample_in_chunks, write_atomic
+from experiments.sentiment import Scale, read_jsonl, sample_in_chunks
 
 SAMPLES_KEPT = 4
 """Held-out prompts whose samples each point keeps for the report."""

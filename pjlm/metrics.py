@@ -12,6 +12,7 @@ from typing import IO, Any, Optional
 import numpy as np
 
 from pjlm.config import ModelConfig
+from pjlm.fileio import write_atomic
 
 
 def matmul_params(config: ModelConfig) -> int:
@@ -275,9 +276,7 @@ def truncate_metrics(workdir: str | os.PathLike, step: int) -> int:
     if moved:
         with open(Path(workdir) / SUPERSEDED_FILE, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps({"resumed_from": step, "row": row}) + "\n" for row in moved))
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(row + "\n" for row in keep), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, "".join(row + "\n" for row in keep))
     return len(moved)
 
 

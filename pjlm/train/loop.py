@@ -35,6 +35,7 @@ from pjlm.train.state import TrainState, make_optimizer
 
 
 from pjlm.errors import NonFiniteError, Preempted  # noqa: E402  (re-exported)
+from pjlm.fileio import write_atomic  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -332,7 +333,7 @@ def open_run(config: Config, workdir: str | Path, *, allow_config_change: bool =
         if is_main:
             record.save()
             rundir.write_config(workdir, _meta(r, 0))
-            rundir.write_atomic(workdir / "data_stats.json", json.dumps(r.data_stats, indent=2, default=str))
+            write_atomic(workdir / "data_stats.json", json.dumps(r.data_stats, indent=2, default=str))
         checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=r.config.train.keep_checkpoints)
         try:
             yield r, checkpointer

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from pjlm import sharding
+from pjlm.fileio import atomic_file
 from pjlm.train import preference, steps
 
 PREFERENCE_PHASES = ("reward", "dpo")
@@ -154,9 +154,6 @@ def reference_cache(run, batcher, ref_params: Any, path: Path) -> CachedReferenc
             chosen[idx] = np.asarray(multihost_utils.process_allgather(c, tiled=True))
             rejected[idx] = np.asarray(multihost_utils.process_allgather(r, tiled=True))
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as f:
             np.savez(f, chosen=chosen, rejected=rejected, key=np.array(key))
-        os.replace(tmp, path)
     return CachedReference(batcher, chosen, rejected)

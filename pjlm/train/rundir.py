@@ -33,22 +33,13 @@ from typing import Any, Optional
 from pjlm import checkpoint as ckpt_lib
 from pjlm.config_rules import RESUME, field_values
 from pjlm.errors import CheckpointError, ConfigError, WorkdirBusyError
+from pjlm.fileio import write_atomic
 
 LEASE_FILE = "lease.json"
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.json"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
 _HELD: set[str] = set()  # tokens of the leases this process holds
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so a reader sees the old file or the new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _now_iso() -> str:
@@ -149,7 +140,7 @@ class Lease:
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.timeout_s / 10):
             holder = self._read()
-            if holder is not None and holder and holder.get("token") != self._token:
+            if holder and holder.get("token") != self._token:
                 self.lost = True
                 return
             try:
@@ -249,10 +240,6 @@ def _diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
-def _policy(key: str) -> str:
-    return RESUME.get(key, "refuse")  # a field the table does not know (a newer pjlm's) is refused
-
-
 class RunRecord:
     """`run.json` of a work directory: the run's definition at its first start, its pins, and history."""
 
@@ -290,13 +277,13 @@ class RunRecord:
         changes = _diff(self.data["definition"], definition)
         if not changes:
             return
-        refused = {k: v for k, v in changes.items() if _policy(k) == "refuse"}
+        refused = {k: v for k, v in changes.items() if RESUME.get(k, "refuse") == "refuse"}
         if refused and not allow:
             lines = "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in refused.items())
             raise ConfigError(f"{self.workdir} holds a run that this config does not continue ({lines}); resume "
                               "with the run's config, use a new --workdir, or pass --allow-config-change "
                               "(allow_config_change=True) to record the change and go on")
-        warned = {k: v for k, v in changes.items() if _policy(k) == "warn" or k in refused}
+        warned = {k: v for k, v in changes.items() if RESUME.get(k) == "warn" or k in refused}
         for k, (old, new) in warned.items():
             print(f"pjlm: resuming {self.workdir.name} with {k} changed: {old!r} → {new!r}", file=sys.stderr)
         self.data["history"].append({"time": _now_iso(), "changes": {k: [o, n] for k, (o, n) in changes.items()},
