@@ -56,9 +56,14 @@ def pjlm_home() -> Path:
 
 
 def _is_work_directory(path: Path) -> bool:
+    """A pjlm checkpoint by `resolve_checkpoint`'s rules (work dir, checkpoints dir or step dir)."""
     from pjlm import checkpoint as ckpt_lib
 
-    return bool(ckpt_lib.checkpoint_steps(path / "checkpoints")) or (path.name.isdigit() and (path / "params").exists())
+    try:
+        ckpt_lib.resolve_checkpoint(path)
+    except ckpt_lib.CheckpointError:
+        return False
+    return True
 
 
 def _hub_download(repo_id: str) -> Path:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -86,7 +87,7 @@ class Tokenizer(abc.ABC):
         a tokenizer with its own template renders with that."""
         return ChatTemplate().render(self, messages, add_generation_prompt=add_generation_prompt, targets=targets)
 
-    @property
+    @functools.cached_property
     def stop_ids(self) -> tuple[int, ...]:
         """The ids that end a response: eos, and the marker the chat template closes an assistant
         message with when that is another token (Gemma's <end_of_turn>, Llama 3's <|eot_id|>, ChatML's

@@ -126,6 +126,8 @@ class _Run:
     tx: Any
     schedule: Any
     data_stats: dict
+    data_fingerprint: str
+    """`rundir.data_fingerprint` of the run's data, hashed once per start."""
     init_from: Optional[str] = None
     """`train.init_from` pinned to the step folder it resolved to at the run's first start."""
     reward_model: Optional[str] = None
@@ -138,17 +140,15 @@ def setup(config: Config, workdir: Path, pins: Optional[dict] = None) -> _Run:
     checkpoints it reads; without them they are resolved now."""
     sharding.maybe_initialize_distributed()
     config.validate()
-    if pins is None:
-        pins = {"train.init_from": rundir.pin_checkpoint(config.train.init_from),
-                "ppo.reward_model": rundir.pin_checkpoint(config.ppo.reward_model) if config.train.phase == "ppo"
-                else None}
+    pins = rundir.resolve_pins(config) if pins is None else pins
     init_from = rundir.check_pin("train.init_from", pins.get("train.init_from"))
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divides_mesh(config.data.batch_size, sharding.mesh_sizes(mesh), "data.batch_size")
     rows, eval_rows, schema, stats = pipeline.load_rows(config.data, config.train.phase)
     tokenizer = pipeline.get_tokenizer(config.data, workdir, rows, schema, config.train.init_from)
-    model_cfg = config.model.replace(vocab_size=_vocab_size(init_from, tokenizer))
-    _check_shape(model_cfg, init_from)
+    saved_model = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(init_from))["config"]["model"] if init_from else None
+    model_cfg = config.model.replace(vocab_size=_vocab_size(init_from, saved_model, tokenizer))
+    _check_shape(model_cfg, init_from, saved_model)
     config = dataclasses.replace(config, model=model_cfg)
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_batches, tok_stats = pipeline.make_batcher(rows, schema, config.data, tokenizer, model_cfg.vocab_size,
@@ -166,17 +166,18 @@ def setup(config: Config, workdir: Path, pins: Optional[dict] = None) -> _Run:
                           "to the SFT run's work directory")
     model = Transformer(model_cfg, head=phases.model_head(config.train.phase))
     return _Run(config, workdir, mesh, model, tokenizer, train_batches, eval_batches, tx, schedule,
-                {**stats, **{f"tokenize_{k}": v for k, v in tok_stats.items()}}, init_from,
+                {**stats, **{f"tokenize_{k}": v for k, v in tok_stats.items()}}, rundir.data_fingerprint(config.data),
+                init_from,
                 rundir.check_pin("ppo.reward_model", pins.get("ppo.reward_model")))
 
 
-def _vocab_size(init_from: Optional[str], tokenizer) -> int:
+def _vocab_size(init_from: Optional[str], saved_model: Optional[dict], tokenizer) -> int:
     """The tokenizer's vocabulary; or `init_from`'s embedding rows when that model has more (Qwen2-style
     checkpoints pad their embeddings past the tokenizer: the extra rows are kept, never fed, and
     never sampled)."""
     if not init_from:
         return tokenizer.vocab_size
-    rows = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(init_from))["config"]["model"]["vocab_size"]
+    rows = saved_model["vocab_size"]
     if rows < tokenizer.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but train.init_from="
                           f"{init_from} has {rows} embedding rows; use the tokenizer it was "
@@ -184,14 +185,13 @@ def _vocab_size(init_from: Optional[str], tokenizer) -> int:
     return rows
 
 
-def _check_shape(model_cfg, init_from: Optional[str]) -> None:
+def _check_shape(model_cfg, init_from: Optional[str], saved: Optional[dict]) -> None:
     """The model must have `init_from`'s shape and math (every `model.*` field a resume refuses to
     change): a mismatch is named field by field here, not deep inside Orbax."""
     if not init_from:
         return
     from pjlm.config_rules import RESUME
 
-    saved = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(init_from))["config"]["model"]
     ours = json.loads(json.dumps(dataclasses.asdict(model_cfg)))
     differ = [f"model.{k}={ours[k]!r} (saved: {saved[k]!r})" for k in sorted(saved)
               if k in ours and RESUME.get(f"model.{k}") == "refuse" and k != "param_dtype" and ours[k] != saved[k]]
@@ -328,8 +328,7 @@ def open_run(config: Config, workdir: str | Path, *, allow_config_change: bool =
                                        allow_config_change=allow_config_change, is_main=is_main)
         r = setup(config, workdir, record.pins)
         r.lease = lease
-        record.check_fingerprints(rundir.tokenizer_identity(r.tokenizer), rundir.data_fingerprint(config.data),
-                                  allow_config_change)
+        record.check_fingerprints(rundir.tokenizer_identity(r.tokenizer), r.data_fingerprint, allow_config_change)
         if is_main:
             record.save()
             rundir.write_config(workdir, _meta(r, 0))

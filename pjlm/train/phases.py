@@ -109,12 +109,11 @@ def reference_key(run, batcher) -> str:
     """What the cached reference log-probs depend on: the reference checkpoint (its pinned step and
     the checksums it was saved with), the tokenizer, the data and how it is cut, the compute dtype."""
     from pjlm import checkpoint as ckpt_lib
-    from pjlm.train import rundir
 
     meta = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(run.init_from))
     d = run.config.data
     parts = {"reference": run.init_from, "reference_checksums": meta.get("checksums", {}).get("params"),
-             "tokenizer": run.tokenizer.fingerprint(), "data": rundir.data_fingerprint(d), "rows": len(batcher.ds),
+             "tokenizer": run.tokenizer.fingerprint(), "data": run.data_fingerprint, "rows": len(batcher.ds),
              "cut": [d.seq_len, list(d.buckets), d.max_prompt_len, d.pack, d.eval_rows, d.seed],
              "dtype": run.model.config.dtype, "vocab": run.model.config.vocab_size}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

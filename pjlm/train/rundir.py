@@ -210,6 +210,12 @@ def pin_checkpoint(path: Optional[str]) -> Optional[dict]:
     return {"given": str(path), "directory": str(directory), "step": step, "path": str(directory / str(step))}
 
 
+def resolve_pins(config) -> dict:
+    """The checkpoints a run reads, each resolved to its step now (see `pin_checkpoint`)."""
+    return {"train.init_from": pin_checkpoint(config.train.init_from),
+            "ppo.reward_model": pin_checkpoint(config.ppo.reward_model) if config.train.phase == "ppo" else None}
+
+
 def check_pin(name: str, pin: Optional[dict]) -> Optional[str]:
     """The pinned step's folder, or a CheckpointError when that step no longer exists."""
     if pin is None:
@@ -260,9 +266,7 @@ class RunRecord:
             record = cls(workdir, json.loads(path.read_text()))
             record._check_config(definition, allow_config_change)
             return record
-        pins = {"train.init_from": pin_checkpoint(config.train.init_from),
-                "ppo.reward_model": pin_checkpoint(config.ppo.reward_model) if config.train.phase == "ppo" else None}
-        data = {"created": _now_iso(), "definition": definition, "pins": pins, "history": []}
+        data = {"created": _now_iso(), "definition": definition, "pins": resolve_pins(config), "history": []}
         if has_checkpoint:  # a work directory from before run.json existed: recorded from now on
             data["history"].append({"time": _now_iso(), "note": "run.json created on a resume"})
         record = cls(workdir, data)
