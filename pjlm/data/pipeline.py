@@ -18,7 +18,6 @@ from pjlm.errors import CheckpointError, ConfigError, DataError
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")
-_SCHEMA_OF_PHASE = formats.KIND_OF_PHASE
 REVIEW_PROMPT = "Write a review.\n"
 
 
@@ -54,8 +53,9 @@ def synthetic_rows(phase: str, n_docs: int, seed: int = 0) -> datasets.Dataset:
 def load_rows(cfg: DataConfig, phase: str) -> tuple[datasets.Dataset, Optional[datasets.Dataset], str, dict]:
     """Normalised train and held-out rows, the schema, and the normalisation stats (with
     `on_error="skip"`, "skipped" counts every dropped line and row; see `sources.normalize`)."""
-    schema = cfg.schema or _SCHEMA_OF_PHASE.get(phase)  # a kind, or a format the phase's kind must take
-    options = dict(on_error=cfg.on_error, phase=phase if phase in _SCHEMA_OF_PHASE else None, train_on=cfg.train_on)
+    schema = cfg.schema or formats.KIND_OF_PHASE.get(phase)  # a kind, or a format the phase's kind must take
+    options = dict(on_error=cfg.on_error, phase=phase if phase in formats.KIND_OF_PHASE else None,
+                   train_on=cfg.train_on)
     if cfg.source == "synthetic":
         rows, stats = sources.normalize(synthetic_rows(phase, cfg.synthetic_docs, cfg.seed), schema,
                                         source="synthetic", **options)
@@ -126,22 +126,22 @@ def get_tokenizer(cfg: DataConfig, workdir: Path, rows: datasets.Dataset, schema
     """The configured tokenizer; else the run's saved one; else `init_from`'s; else train one here.
     Whichever it is, a copy is kept in the work directory (tokenizer.model, or tokenizer.json and its
     special tokens), so a resumed run, `pjlm sample` and later phases find the same one."""
+    saved = load_tokenizer(workdir) if saved_tokenizer(workdir) else None
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
-        if saved_tokenizer(workdir) and load_tokenizer(workdir).fingerprint() != tokenizer.fingerprint():
+        if saved is not None and saved.fingerprint() != tokenizer.fingerprint():
             raise CheckpointError(f"data.tokenizer={cfg.tokenizer} is not the tokenizer saved in {workdir} "
                                   f"({saved_tokenizer(workdir).name}, which this run was started with); a run's "
                                   "tokenizer is never replaced: drop data.tokenizer to resume, or use a new --workdir")
-    elif saved_tokenizer(workdir):
-        return load_tokenizer(workdir)
+    elif saved is not None:
+        return saved
     elif init_from and saved_tokenizer(Path(init_from)):
         tokenizer = load_tokenizer(Path(init_from))  # its tokenizer.model, else its tokenizer.json
     else:
         tokenizer = _train_tokenizer(rows, schema, cfg.tokenizer_vocab_size)
     # Every process trains the same tokenizer (deterministic: same rows, one thread), so none has to
-    # wait for another's file; only process 0 writes it.
-    if jax.process_index() == 0 and not (saved_tokenizer(workdir) and
-                                         load_tokenizer(workdir).fingerprint() == tokenizer.fingerprint()):
+    # wait for another's file; only process 0 writes it, and only into a work directory without one.
+    if jax.process_index() == 0 and saved is None:
         workdir.mkdir(parents=True, exist_ok=True)
         tokenizer.save_to(workdir)
     return tokenizer
