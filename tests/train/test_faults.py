@@ -255,6 +255,13 @@ def test_every_config_field_is_classified_for_resume_and_range():
     assert RESUME["mesh.fsdp"] == RESUME["train.steps"] == "allow" and RESUME["model.rope_theta"] == "refuse"
 
 
+def test_the_docs_show_the_current_table():
+    from pjlm.config_rules import markdown_table
+
+    docs = Path(__file__).parents[2] / "docs" / "config.md"
+    assert docs.read_text() == markdown_table(), "regenerate: python -m pjlm.config_rules > docs/config.md"
+
+
 def test_the_tokenizer_of_a_run_is_never_overwritten(tmp_path):
     from pjlm.data.tokenizer import SentencePieceTokenizer
 
