@@ -107,6 +107,17 @@ def base_checkpoint(meta: dict) -> Optional[str]:
     return (meta.get("pinned") or {}).get("train.init_from") or meta["config"]["train"]["init_from"]
 
 
+def _saved_params(model: Transformer, config: Config, mesh: Any, lora_strict: bool = True) -> Any:
+    """The restore target of what a run of `config` saves for `model`: all its parameters, or under
+    LoRA the adapters and any new head."""
+    if config.lora is None:
+        return ckpt_lib.abstract_like(*sharding.abstract_params(model, mesh))
+    from pjlm.train.loop import abstract_state
+
+    abstract, shardings = abstract_state(model, optax.identity(), mesh, config.lora, lora_strict=lora_strict)
+    return ckpt_lib.abstract_like(abstract.params, shardings.params)
+
+
 def load_policy(checkpoint: str | Path, mesh: Optional[Any] = None) -> tuple[Transformer, Any, Config]:
     """The language model, its parameters and its run's config from a checkpoint of any phase that
     trains a policy (pretrain, sft, dpo: the params item; ppo: its `policy` entry). Under LoRA the
@@ -118,21 +129,15 @@ def load_policy(checkpoint: str | Path, mesh: Optional[Any] = None) -> tuple[Tra
     config = from_dict(Config, meta["config"])
     mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
     model = Transformer(config.model)
-    if config.lora is None:
-        policy = ckpt_lib.abstract_like(*sharding.abstract_params(model, mesh))
-    else:  # the adapters (and any new head) as the loop saves them
-        from pjlm.train.loop import abstract_state
-
-        abstract, shardings = abstract_state(model, optax.identity(), mesh, config.lora)
-        policy = ckpt_lib.abstract_like(abstract.params, shardings.params)
+    policy = _saved_params(model, config, mesh)
     if config.train.phase == "ppo":
-        value = ckpt_lib.abstract_like(*sharding.abstract_params(Transformer(config.model, head="scalar"), mesh))
+        value = _saved_params(Transformer(config.model, head="scalar"), config, mesh, lora_strict=False)
         params = _restore(directory / str(step), {"policy": policy, "value": value})["policy"]
     else:
         params = _restore(directory / str(step), policy)
     if config.lora is not None:
         _, base, _ = load_policy(base_checkpoint(meta), mesh)
-        params = jax.jit(lambda p, f: lora.apply_params(p, f, config.lora))(params, base)
+        params = jax.jit(lambda p, f: lora.merged_params(p, f, config.lora))(params, base)
     return model, params, config
 
 

@@ -1,4 +1,5 @@
-"""LoRA as a transform of the parameter tree: W' = W + (α/r)·A·B with W frozen, A and B learned.
+"""LoRA as a transform of the parameter tree: an adapted kernel computes x·W + (α/r)·(x·A)·B, with W
+frozen and A, B learned.
 
 For a targeted kernel with input axes `in…` and output axes `out…` (and a leading `layers` axis when
 it sits under the scanned `layers`), A is [layers?, in…, r] (uniform ±1/√fan_in, as PEFT's default)
@@ -6,9 +7,18 @@ and B is [layers?, r, out…] (zeros), so the adapted model equals the base at s
 the parameter tree: `adapters["layers"]["attn"]["q"]["kernel"] = {"a": A, "b": B}`. Their logical
 axes are the kernel's in/out axes with the rank axis replicated, so they shard like the kernel.
 
+Two ways to hand the model adapted parameters:
+
+- `model_params` (training, scoring): the base tree with each adapted kernel's module also holding
+  `lora_a` = (α/r)·A and `lora_b` = B, which `pjlm.model.Linear` applies factorised. No merged weight
+  ever exists, and since the base is not differentiated, neither does a weight-sized gradient: the
+  backward costs the input gradients through W plus the adapters' own small products.
+- `merged_params` / `merge` (sampling, export): W + (α/r)·A·B, one weight-sized matmul per kernel
+  once, after which every decode step runs at the base model's speed.
+
 Trainable state under LoRA: `{"lora": adapters, **new_heads}` (e.g. a reward model's fresh
-`score_head`); the base lives in `TrainState.frozen`. `apply_params` rebuilds the model's parameters
-inside the jitted forward; the reference policy is `frozen` itself, adapters off.
+`score_head`); the base lives in `TrainState.frozen`. The reference policy is `frozen` itself,
+adapters off.
 """
 
 from __future__ import annotations
@@ -22,11 +32,14 @@ import jax.numpy as jnp
 
 from pjlm.config import ConfigError, LoraConfig
 
-__all__ = ["LoraConfig", "init", "merge", "apply_params", "targeted_paths"]
+__all__ = ["LoraConfig", "init", "merge", "attach", "model_params", "merged_params", "targeted_paths",
+           "adapted_paths"]
 
 # Number of leading (non-layer) input axes per kernel; all other kernels take one (D, or F for down).
 _INPUT_AXES = {"attn/o/kernel": 2}
 _LETTERS = "ijklmnopqstuvwxyz"
+A_NAME, B_NAME = "lora_a", "lora_b"
+"""The names adapted kernels' adapters take beside `kernel` in an attached tree (`pjlm.model.Linear`)."""
 
 
 def _path_str(path) -> str:
@@ -37,14 +50,16 @@ def _unboxed(x):
     return x.value if isinstance(x, nn.Partitioned) else x
 
 
-def targeted_paths(params: Any, cfg: LoraConfig) -> list[str]:
-    """'/'-joined paths of the kernels the config's patterns select; a pattern matching nothing is an error."""
+def targeted_paths(params: Any, cfg: LoraConfig, *, strict: bool = True) -> list[str]:
+    """'/'-joined paths of the kernels the config's patterns select; a pattern matching nothing is an
+    error unless `strict=False` (a PPO value model takes the policy's patterns, `lm_head` ones too,
+    and adapts the kernels it has)."""
     paths = [_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
         params, is_leaf=lambda x: isinstance(x, nn.Partitioned))]
     chosen = []
     for pattern in cfg.targets:
         hits = [p for p in paths if re.search(pattern, p) and p.endswith("kernel")]
-        if not hits:
+        if not hits and strict:
             examples = ", ".join(p for p in paths if p.endswith("kernel"))
             raise ConfigError(f"lora.targets pattern {pattern!r} matches no kernel; kernels are: {examples}")
         chosen += [p for p in hits if p not in chosen]
@@ -71,11 +86,17 @@ def _set(tree: dict, path: str, value: Any) -> None:
     tree[keys[-1]] = value
 
 
-def init(key: jax.Array, params: Any, cfg: LoraConfig) -> dict:
+def _copy_dicts(tree: Any) -> Any:
+    """The nested dicts copied (so the caller's tree is never mutated), leaves shared."""
+    return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def init(key: jax.Array, params: Any, cfg: LoraConfig, *, strict: bool = True) -> dict:
     """Fresh adapters for `params` (plain arrays, or boxed with logical axes: then the adapters are
-    boxed too, with the kernel's in/out axes and a replicated rank axis)."""
+    boxed too, with the kernel's in/out axes and a replicated rank axis). `strict` as in
+    `targeted_paths`."""
     adapters: dict = {}
-    for i, path in enumerate(targeted_paths(params, cfg)):
+    for i, path in enumerate(targeted_paths(params, cfg, strict=strict)):
         leaf = _get(params, path)
         kernel = _unboxed(leaf)
         lead, ins, outs = _split(path, kernel.shape)
@@ -94,6 +115,13 @@ def init(key: jax.Array, params: Any, cfg: LoraConfig) -> dict:
     return adapters
 
 
+def adapted_paths(adapters: dict, prefix: str = "") -> list[str]:
+    """'/'-joined paths of the kernels `adapters` adapts (the adapters, not the patterns, decide)."""
+    if set(adapters) == {"a", "b"}:
+        return [prefix]
+    return [p for k, v in adapters.items() for p in adapted_paths(v, f"{prefix}/{k}" if prefix else k)]
+
+
 def delta(path: str, a: jax.Array, b: jax.Array, kernel_shape: tuple[int, ...], cfg: LoraConfig) -> jax.Array:
     """(α/r)·A·B for one kernel, contracted over the rank axis only."""
     lead, ins, outs = _split(path, kernel_shape)
@@ -103,20 +131,43 @@ def delta(path: str, a: jax.Array, b: jax.Array, kernel_shape: tuple[int, ...], 
 
 def merge(params: Any, adapters: dict, cfg: LoraConfig) -> Any:
     """W + (α/r)·A·B for every adapted kernel; every other leaf passes through unchanged."""
-    flat = {_path_str(p): (p, x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    out = jax.tree_util.tree_map(lambda x: x, params)
-    for path in targeted_paths(params, cfg):
-        kernel = flat[path][1]
+    out = _copy_dicts(params)
+    for path in adapted_paths(adapters):
+        kernel = _get(params, path)
         ab = _get(adapters, path)
-        merged = kernel + delta(path, ab["a"], ab["b"], kernel.shape, cfg).astype(kernel.dtype)
-        _set(out, path, merged)
+        _set(out, path, kernel + delta(path, ab["a"], ab["b"], kernel.shape, cfg).astype(kernel.dtype))
     return out
 
 
-def apply_params(trainable: Any, frozen: Any, cfg: Optional[LoraConfig]) -> Any:
-    """The model's parameters: the trainable tree itself without LoRA; with LoRA, the frozen base
-    plus any trainable heads, adapters merged (inside the jitted forward)."""
+def attach(params: Any, adapters: dict, cfg: LoraConfig) -> Any:
+    """`params` with every adapted kernel's module also holding `lora_a` = (α/r)·A and `lora_b` = B,
+    which the model applies as x·W + (x·A')·B (the scale is folded into A, a rank-sized product,
+    so gradients reach A through it exactly)."""
+    out = _copy_dicts(params)
+    scale = cfg.alpha / cfg.rank
+    for path in adapted_paths(adapters):
+        module = _get(out, path.rsplit("/", 1)[0])
+        ab = _get(adapters, path)
+        module[A_NAME] = ab["a"] * jnp.asarray(scale, ab["a"].dtype)
+        module[B_NAME] = ab["b"]
+    return out
+
+
+def _base_and_heads(trainable: Any, frozen: Any) -> Any:
+    return {**frozen, **{k: v for k, v in trainable.items() if k != "lora"}}
+
+
+def model_params(trainable: Any, frozen: Any, cfg: Optional[LoraConfig]) -> Any:
+    """The tree a step hands the model: the trainable tree itself without LoRA; with LoRA, the frozen
+    base plus any trainable heads, adapters attached for the factorised forward (`attach`)."""
     if cfg is None:
         return trainable
-    heads = {k: v for k, v in trainable.items() if k != "lora"}
-    return merge({**frozen, **heads}, trainable["lora"], cfg)
+    return attach(_base_and_heads(trainable, frozen), trainable["lora"], cfg)
+
+
+def merged_params(trainable: Any, frozen: Any, cfg: Optional[LoraConfig]) -> Any:
+    """The same model with the adapters merged into plain kernels: for sampling (every decode step
+    then runs at the base model's cost) and export."""
+    if cfg is None:
+        return trainable
+    return merge(_base_and_heads(trainable, frozen), trainable["lora"], cfg)

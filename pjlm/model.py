@@ -155,13 +155,24 @@ class Linear(nn.Module):
         init = _kernel_init(len(self.in_shape), len(self.out_shape))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
                             self.in_shape + self.out_shape, self.param_dtype)
-        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.einsum(self.equation, x, kernel.astype(self.dtype))
+        if self.has_variable("params", "lora_a"):  # adapters attached by `pjlm.lora.model_params`
+            y = y + self._low_rank(x, self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b"))
         if self.use_bias:
             bias_axes = self.axes[len(self.in_shape):]
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
                               self.out_shape, self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
+
+    def _low_rank(self, x, a, b):
+        """(x·A)·B: contract x's input axes with A [in…, r], then the rank axis with B [r, out…]. The
+        scale α/r is already in A. No weight-sized array is formed, forward or backward."""
+        n_in, n_out = len(self.in_shape), len(self.out_shape)
+        ins, outs = "ijklm"[:n_in], "nopqs"[:n_out]
+        xa = jnp.einsum(f"...{ins},{ins}r->...r", x, a.astype(self.dtype))
+        return jnp.einsum(f"...r,r{outs}->...{outs}", xa, b.astype(self.dtype))
 
 
 class Attention(nn.Module):
@@ -383,10 +394,14 @@ class Embed(nn.Module):
 
 
 def output_kernel(params: dict, config: ModelConfig) -> jax.Array:
-    """The LM head as [D, V]: the transposed embedding when tied, else `lm_head/kernel`."""
+    """The LM head as [D, V]: the transposed embedding when tied, else `lm_head/kernel` (with any
+    attached LoRA adapters merged in)."""
     if config.tie_embeddings:
         return params["embed"]["embedding"].T
-    return params["lm_head"]["kernel"]
+    head = params["lm_head"]
+    if "lora_a" in head:  # an adapted head (`pjlm.lora.attach`): the chunked path needs it whole
+        return head["kernel"] + (head["lora_a"] @ head["lora_b"]).astype(head["kernel"].dtype)
+    return head["kernel"]
 
 
 def target_logprobs(model: Transformer, params: dict, tokens_BL: jax.Array, positions_BL=None,

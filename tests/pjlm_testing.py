@@ -166,3 +166,19 @@ def hf_chat_tokenizer_dir(directory, texts, chat_template: str, *, vocab_size: i
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump(config, f)
     return hf
+
+
+def saved_leaf_bytes(step_dir, item: str = "params") -> dict:
+    """{'/'-joined path: bytes} of the arrays a checkpoint's item holds, from its metadata (shape and
+    dtype of each saved leaf; a folder's size would be mostly Orbax's own files at this scale)."""
+    import math
+
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, item))
+    meta = getattr(meta, "item_metadata", meta)  # orbax ≥ 0.11: StepMetadata → TreeMetadata → its tree
+    meta = getattr(meta, "tree", meta)
+    leaves = jax.tree_util.tree_leaves_with_path(meta, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return {"/".join(str(k.key) for k in path): math.prod(m.shape) * np.dtype(m.dtype).itemsize for path, m in leaves}

@@ -67,7 +67,7 @@ def lora_run(tmp_path_factory):
     finally:
         checkpointer.close()
     tokens = jnp.asarray(TOKENS, jnp.int32)
-    merged = np.asarray(pj_model.apply({"params": lora.apply_params({"lora": adapters}, base, LORA)}, tokens))
+    merged = np.asarray(pj_model.apply({"params": lora.merged_params({"lora": adapters}, base, LORA)}, tokens))
     plain = np.asarray(pj_model.apply({"params": base}, tokens))
     assert np.abs(merged - plain).max() > 1e-1, "the adapters change the model"
     return root / "src", root / "run", merged, plain

@@ -57,28 +57,32 @@ def git_revision() -> Optional[str]:
 NEW_HEADS = ("score_head",)  # parameters a phase adds on top of the language model it starts from
 
 
-def _boxed_state(model: Transformer, tx, key: jax.Array, lora_cfg: Optional[LoraConfig] = None) -> TrainState:
+def _boxed_state(model: Transformer, tx, key: jax.Array, lora_cfg: Optional[LoraConfig] = None,
+                 lora_strict: bool = True) -> TrainState:
     params = model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]
     frozen: dict = {}
     if lora_cfg is not None:  # the optimizer sees adapters and new heads; the base is frozen
         frozen = {k: v for k, v in params.items() if k not in NEW_HEADS}
         heads = {k: v for k, v in params.items() if k in NEW_HEADS}
-        params = {"lora": lora.init(jax.random.fold_in(key, 2), frozen, lora_cfg), **heads}
+        params = {"lora": lora.init(jax.random.fold_in(key, 2), frozen, lora_cfg, strict=lora_strict), **heads}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
                       rng=jax.random.fold_in(key, 1))
 
 
-def init_state(model: Transformer, tx, mesh, seed: int,
-               lora_cfg: Optional[LoraConfig] = None) -> tuple[TrainState, Any]:
-    """A fresh TrainState created directly sharded (optimizer moments too); returns it and its shardings."""
+def init_state(model: Transformer, tx, mesh, seed: int, lora_cfg: Optional[LoraConfig] = None, *,
+               lora_strict: bool = True) -> tuple[TrainState, Any]:
+    """A fresh TrainState created directly sharded (optimizer moments too); returns it and its
+    shardings. `lora_strict=False` lets LoRA patterns match nothing (a PPO value model)."""
     sharding.check_divides_mesh(model.config, sharding.mesh_sizes(mesh))
-    return sharding.init_sharded(lambda key: _boxed_state(model, tx, key, lora_cfg), mesh, jax.random.PRNGKey(seed))
+    return sharding.init_sharded(lambda key: _boxed_state(model, tx, key, lora_cfg, lora_strict), mesh,
+                                 jax.random.PRNGKey(seed))
 
 
-def abstract_state(model: Transformer, tx, mesh, lora_cfg: Optional[LoraConfig] = None) -> tuple[TrainState, Any]:
+def abstract_state(model: Transformer, tx, mesh, lora_cfg: Optional[LoraConfig] = None, *,
+                   lora_strict: bool = True) -> tuple[TrainState, Any]:
     """Shapes and shardings of the TrainState without allocating it (the restore target)."""
     with sharding.use_mesh(mesh):
-        boxed = jax.eval_shape(lambda: _boxed_state(model, tx, jax.random.PRNGKey(0), lora_cfg))
+        boxed = jax.eval_shape(lambda: _boxed_state(model, tx, jax.random.PRNGKey(0), lora_cfg, lora_strict))
     return nn.unbox(boxed), sharding.tree_shardings(boxed, mesh)
 
 

@@ -4,7 +4,8 @@ minibatch updates → KL controller → metrics and checkpoints of the whole `PP
 The policy starts from `train.init_from` (with LoRA: adapters on that frozen base, which is then
 also the reference); without LoRA the reference is a second, frozen copy of it. The value model is
 a separate scalar-head model initialised from the reward model (`ppo.reward_model`), as in
-InstructGPT, with its own optimizer. One iteration = one rollout of data.batch_size prompts ×
+InstructGPT, with its own optimizer; with LoRA it too trains adapters (and its head) on that frozen
+trunk. One iteration = one rollout of data.batch_size prompts ×
 ppo.group_size samples; train.steps counts iterations.
 """
 
@@ -40,7 +41,7 @@ def _init(r, cfg, tx_policy, tx_value, value_model, checkpointer):
     """Fresh or restored PPOState and its shardings."""
     lora_cfg, mesh, seed = r.config.lora, r.mesh, r.config.train.seed
     policy, policy_sh = loop.init_state(r.model, tx_policy, mesh, seed, lora_cfg)
-    value, value_sh = loop.init_state(value_model, tx_value, mesh, seed + 1)
+    value, value_sh = loop.init_state(value_model, tx_value, mesh, seed + 1, lora_cfg, lora_strict=False)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = PPOState(policy=policy, value=value, kl_beta=jax.device_put(jnp.float32(cfg.kl_coef), replicated),
                      rng=jax.device_put(jax.random.PRNGKey(seed + 2), replicated))
@@ -50,19 +51,35 @@ def _init(r, cfg, tx_policy, tx_value, value_model, checkpointer):
         params, train, meta = loop.restore_good(r, checkpointer, _params_item(target), _train_item(target))
         loop._check_tokenizer(meta, r.tokenizer, checkpointer.directory)
         state = _from_items(state, params, train)
+        if lora_cfg is not None:  # the adapters and value head are in the checkpoint; the bases are re-read
+            state = state.replace(value=state.value.replace(frozen=_value_init(r, state.value, value_sh)[0]))
+    elif lora_cfg is None:
+        state = state.replace(value=state.value.replace(params=_value_init(r, state.value, value_sh)[1]),
+                              policy=state.policy.replace(
+                                  params=loop.load_init_params(r, state.policy.params, policy_sh.params)))
     else:
-        state = state.replace(value=state.value.replace(params=_value_init(r, cfg, value_model, state.value.params,
-                                                                           value_sh.params)))
-        if lora_cfg is None:
-            state = state.replace(policy=state.policy.replace(
-                params=loop.load_init_params(r, state.policy.params, policy_sh.params)))
+        frozen, params = _value_init(r, state.value, value_sh)
+        state = state.replace(value=state.value.replace(frozen=frozen, params=params))
     if lora_cfg is not None:
         state = state.replace(policy=state.policy.replace(
             frozen=loop._load_base(r, state.policy.frozen, policy_sh.frozen)))
     return state, shardings
 
 
-def _value_init(r, cfg, value_model, fresh, fresh_sh):
+def _value_init(r, value, value_sh) -> tuple[Any, Any]:
+    """The value model's starting (frozen, params): the reward model (or else the policy's trunk with a
+    fresh head). Without LoRA all of it is trained (frozen stays empty); with LoRA the trunk is the
+    frozen base of fresh adapters and only the value head is trained beside them."""
+    if not value.frozen:
+        return value.frozen, _value_params(r, value.params, value_sh.params)
+    heads = {k: v for k, v in value.params.items() if k != "lora"}
+    head_sh = {k: v for k, v in value_sh.params.items() if k != "lora"}
+    full = _value_params(r, {**value.frozen, **heads}, {**value_sh.frozen, **head_sh})
+    frozen = {k: v for k, v in full.items() if k not in heads}
+    return frozen, {**value.params, **{k: full[k] for k in heads}}
+
+
+def _value_params(r, fresh, fresh_sh):
     if r.reward_model:
         params, _ = ckpt_lib.load_params(r.reward_model, ckpt_lib.abstract_like(fresh, fresh_sh))
         return params
@@ -163,7 +180,7 @@ def _compile(r, tx_policy, tx_value, value_model) -> _Compiled:
         tx_policy=tx_policy, tx_value=tx_value, cfg=cfg, lora_cfg=lora_cfg), donate_argnums=0)
     return _Compiled(
         reward_fn=rewards_lib.build_reward(specs, model_scorer=model_fn), scorer=scorer, current=current,
-        merged=jax.jit(lambda p, f: lora.apply_params(p, f, lora_cfg)),
+        merged=jax.jit(lambda p, f: lora.merged_params(p, f, lora_cfg)),
         stats_fn=jax.jit(functools.partial(rollout_statistics, policy_model=r.model, value_model=value_model,
                                            cfg=cfg, lora_cfg=lora_cfg)),
         adv_fn=jax.jit(functools.partial(advantages, cfg=cfg)), update=update)

@@ -61,12 +61,13 @@ def response_values(value_model: Transformer, params: Any, rollout: dict) -> jax
 def rollout_statistics(state: PPOState, ref_params: Optional[Any], rollout: dict, *, policy_model: Transformer,
                        value_model: Transformer, cfg: PPOConfig, lora_cfg: Optional[LoraConfig]) -> dict:
     """Old-policy and reference log-probs and the values of a rollout (no gradient)."""
-    policy = lora.apply_params(state.policy.params, state.policy.frozen, lora_cfg)
+    policy = lora.model_params(state.policy.params, state.policy.frozen, lora_cfg)
     ref = state.policy.frozen if ref_params is None else ref_params
     out = {"old_logp": response_logps(policy_model, policy, rollout, cfg.temperature),
            "ref_logp": response_logps(policy_model, ref, rollout, cfg.temperature)}
     if cfg.advantage == "gae":
-        out["old_values"] = response_values(value_model, state.value.params, rollout)
+        out["old_values"] = response_values(value_model, lora.model_params(state.value.params, state.value.frozen,
+                                                                           lora_cfg), rollout)
     return out
 
 
@@ -94,7 +95,7 @@ def ppo_update_step(state: PPOState, batch: dict, *, policy_model: Transformer, 
     mask = batch["response_mask"].astype(jnp.float32)
 
     def policy_loss(p):
-        logp, entropy = response_logps(policy_model, lora.apply_params(p, state.policy.frozen, lora_cfg), batch,
+        logp, entropy = response_logps(policy_model, lora.model_params(p, state.policy.frozen, lora_cfg), batch,
                                        cfg.temperature, with_entropy=True)
         loss, metrics = rl.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip=cfg.clip)
         ent = rl.masked_mean(entropy, mask)
@@ -106,7 +107,7 @@ def ppo_update_step(state: PPOState, batch: dict, *, policy_model: Transformer, 
     value = state.value
     if cfg.advantage == "gae":
         def value_loss(v):
-            values = response_values(value_model, v, batch)
+            values = response_values(value_model, lora.model_params(v, state.value.frozen, lora_cfg), batch)
             loss, m = rl.ppo_value_loss(values, batch["old_values"], batch["returns"], mask, clip=cfg.value_clip)
             return cfg.value_coef * loss, m
 

@@ -71,7 +71,7 @@ def reward_loss_fn(params, batch, *, model: Transformer, cfg: PreferenceConfig):
 def reward_step(state: TrainState, batch: dict, *, model: Transformer, tx, schedule, cfg: PreferenceConfig,
                 lora_cfg: Optional[LoraConfig] = None) -> tuple[TrainState, dict]:
     """One step of the Bradley–Terry reward model: −log σ(r_w − r_l − margin) + center_coef·(r_w + r_l)²."""
-    loss = lambda p: reward_loss_fn(lora.apply_params(p, state.frozen, lora_cfg), batch, model=model, cfg=cfg)
+    loss = lambda p: reward_loss_fn(lora.model_params(p, state.frozen, lora_cfg), batch, model=model, cfg=cfg)
     (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     state, extra = _apply_update(state, grads, tx, schedule)
     return state, {**metrics, **extra}
@@ -80,7 +80,7 @@ def reward_step(state: TrainState, batch: dict, *, model: Transformer, tx, sched
 def reward_eval_step(params, frozen, batch, *, model: Transformer, lora_cfg: Optional[LoraConfig] = None) -> dict:
     """Sums over the batch: correct pairs, rewards and squared rewards (for the normalising mean/std)."""
     rows = concat_pairs(batch)
-    scores = sequence_scores(model, lora.apply_params(params, frozen, lora_cfg), rows)
+    scores = sequence_scores(model, lora.model_params(params, frozen, lora_cfg), rows)
     B = batch["chosen"]["tokens"].shape[0]
     return {"correct": jnp.sum(scores[:B] > scores[B:]).astype(jnp.float32), "pairs": jnp.float32(B),
             "reward_sum": jnp.sum(scores), "reward_sq_sum": jnp.sum(scores * scores)}
@@ -121,7 +121,7 @@ def dpo_step(state: TrainState, ref_params: Optional[Any], batch: dict, *, model
     base `state.frozen` with the adapters off (no copy, no second argument aliasing the state)."""
     if lora_cfg is not None and ref_params is None:
         ref_params = state.frozen
-    loss = lambda p: dpo_loss_fn(lora.apply_params(p, state.frozen, lora_cfg), ref_params, batch, model=model,
+    loss = lambda p: dpo_loss_fn(lora.model_params(p, state.frozen, lora_cfg), ref_params, batch, model=model,
                                  cfg=cfg, logprob_chunk=logprob_chunk)
     (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     state, extra = _apply_update(state, grads, tx, schedule)
@@ -133,7 +133,7 @@ def dpo_eval_step(params, frozen, ref_params, batch, *, model: Transformer, cfg:
     """Sums over the batch: DPO loss and implicit-reward accuracy."""
     if lora_cfg is not None and ref_params is None:
         ref_params = frozen
-    loss, metrics = dpo_loss_fn(lora.apply_params(params, frozen, lora_cfg), ref_params, batch, model=model, cfg=cfg,
+    loss, metrics = dpo_loss_fn(lora.model_params(params, frozen, lora_cfg), ref_params, batch, model=model, cfg=cfg,
                                 logprob_chunk=logprob_chunk)
     B = jnp.float32(batch["chosen"]["tokens"].shape[0])
     return {"loss_sum": loss * B, "correct": metrics["reward_accuracy"] * B, "pairs": B}

@@ -65,9 +65,9 @@ def lm_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.Gra
             lora_cfg: Optional[LoraConfig] = None) -> tuple[TrainState, dict]:
     """One optimizer step on the next-token loss (pre-training and SFT differ only in loss_mask).
     With LoRA the gradient is taken with respect to the adapters only; the base in `state.frozen`
-    is merged in inside the forward."""
+    reaches the forward with the adapters attached (`lora.model_params`: x·W + (α/r)·(x·A)·B)."""
     batch = {k: batch[k] for k in LM_KEYS}
-    loss_fn = lambda p, b: lm_loss_sum(lora.apply_params(p, state.frozen, lora_cfg), b, model=model,
+    loss_fn = lambda p, b: lm_loss_sum(lora.model_params(p, state.frozen, lora_cfg), b, model=model,
                                        logprob_chunk=logprob_chunk)
     grads, metrics = accumulate_gradients(loss_fn, state.params, batch, grad_accum)
     n_tokens = jnp.maximum(metrics["n_tokens"], 1.0)
@@ -91,6 +91,6 @@ sft_step = lm_step
 def lm_eval_step(params: Any, frozen: Any, batch: dict, *, model: Transformer, logprob_chunk: int = 0,
                  lora_cfg: Optional[LoraConfig] = None) -> dict:
     """Summed held-out NLL and target count of one batch (the loop divides once at the end)."""
-    _, metrics = lm_loss_sum(lora.apply_params(params, frozen, lora_cfg), {k: batch[k] for k in LM_KEYS},
+    _, metrics = lm_loss_sum(lora.model_params(params, frozen, lora_cfg), {k: batch[k] for k in LM_KEYS},
                              model=model, logprob_chunk=logprob_chunk)
     return {"loss_sum": metrics["loss_sum"], "n_tokens": metrics["n_tokens"]}

@@ -5,24 +5,13 @@ import signal
 import chex
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from pjlm_testing import F32_DEEP, assert_close, clear_preferences
+from pjlm_testing import F32_DEEP, assert_close, clear_preferences, saved_leaf_bytes
 from pjlm import checkpoint as ckpt_lib
 from pjlm import evaluate, lora
 from pjlm.data.loader import Batcher
 from pjlm.train import loop
-
-
-def _saved_params(step_dir):
-    """{'/'-joined path: bytes} of the arrays a checkpoint's params item holds, from its metadata (shape
-    and dtype of each saved leaf; a folder's size would be mostly Orbax's own files at this scale)."""
-    meta = ocp.PyTreeCheckpointer().metadata(step_dir / "params")
-    meta = getattr(meta, "item_metadata", meta)  # orbax ≥ 0.11: StepMetadata → TreeMetadata → its tree
-    meta = getattr(meta, "tree", meta)
-    leaves = jax.tree_util.tree_leaves_with_path(meta, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-    return {"/".join(str(k.key) for k in path): math.prod(m.shape) * np.dtype(m.dtype).itemsize for path, m in leaves}
 
 
 def _expected_adapter_bytes(base, rank):
@@ -54,16 +43,16 @@ def test_lora_sft_trains_adapters_only_and_its_small_checkpoint_resumes(make_con
     b = straight.state.params["lora"]["layers"]["attn"]["q"]["kernel"]["b"]
     assert float(np.abs(np.asarray(b)).max()) > 0, "adapters trained"
     tokens = np.asarray(r.train_batches.batch(0)["tokens"][:2])
-    tuned = r.model.apply({"params": lora.apply_params(straight.state.params, straight.state.frozen, config.lora)}, tokens)
+    tuned = r.model.apply({"params": lora.model_params(straight.state.params, straight.state.frozen, config.lora)}, tokens)
     assert float(np.abs(np.asarray(tuned) - np.asarray(r.model.apply({"params": base}, tokens))).max()) > 1e-3
     _, loaded, _ = evaluate.load_policy(tmp_path / "straight")  # adapters merged into init_from's base
     # Merged weights vs the adapters applied in the forward: float32 logits through the model.
     assert_close(r.model.apply({"params": loaded}, tokens), tuned, F32_DEEP, what="merged logits")
 
     # The checkpoint holds the adapters and nothing else: their exact byte count, a small part of the base's.
-    adapters = _saved_params(tmp_path / "straight" / "checkpoints" / "8")
+    adapters = saved_leaf_bytes(tmp_path / "straight" / "checkpoints" / "8")
     assert adapters == _expected_adapter_bytes(base, lora_cfg["rank"])
-    full = _saved_params(pretrained / "checkpoints" / "30")
+    full = saved_leaf_bytes(pretrained / "checkpoints" / "30")
     assert sum(full.values()) == sum(x.nbytes for x in jax.tree_util.tree_leaves(base))
     assert sum(adapters.values()) < 0.15 * sum(full.values()), (sum(adapters.values()), sum(full.values()))
 

@@ -62,3 +62,39 @@ def test_critic_free_ppo_with_lora_trains_adapters_against_the_base(make_config,
     assert result.history[-1]["kl"] != 0.0 and "value_loss" not in result.history[-1]
     b = np.asarray(result.state.params["lora"]["layers"]["attn"]["q"]["kernel"]["b"])
     assert np.abs(b).max() > 0
+
+
+@pytest.mark.slow
+def test_lora_ppo_trains_policy_and_value_adapters_saves_only_them_and_resumes(make_config, pretrained, tmp_path):
+    """With LoRA the value model too is adapters (and its head) on a frozen trunk: only those are
+    saved, a stop and a restart continue exactly, and the evaluator merges the policy's adapters."""
+    import chex
+    import jax
+
+    from pjlm_testing import F32_DEEP, assert_close, saved_leaf_bytes
+    from pjlm import evaluate, lora
+
+    def config(steps):
+        c = _ppo_config(make_config, pretrained, beta=0.05, steps=steps)
+        return c.__class__(**{**c.__dict__, "lora": lora.LoraConfig(rank=4, alpha=8.0),
+                              "optimizer": c.optimizer.__class__(**{**c.optimizer.__dict__, "decay": "constant"})})
+
+    straight = run(config(3), tmp_path / "straight")
+    run(config(2), tmp_path / "resumed")
+    resumed = run(config(3), tmp_path / "resumed")
+    assert [h["step"] for h in resumed.history] == [3]
+    assert resumed.history[0]["value_loss"] == straight.history[-1]["value_loss"]  # the value model resumed too
+    chex.assert_trees_all_equal(jax.device_get(resumed.state.params), jax.device_get(straight.state.params))
+
+    saved = saved_leaf_bytes(tmp_path / "straight" / "checkpoints" / "3")
+    assert {k.split("/")[1] for k in saved if k.startswith("value/")} == {"lora", "score_head"}
+    assert {k.split("/")[1] for k in saved if k.startswith("policy/")} == {"lora"}
+    assert any(k.startswith("value/lora/layers/mlp/down") for k in saved)
+    assert straight.history[0]["value_loss"] != straight.history[-1]["value_loss"]
+
+    model, merged, _ = evaluate.load_policy(tmp_path / "straight")
+    tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % model.config.vocab_size
+    state = straight.state
+    assert_close(model.apply({"params": merged}, tokens),
+                 model.apply({"params": lora.model_params(state.params, state.frozen, config(3).lora)}, tokens),
+                 F32_DEEP, what="merged vs factorised logits")  # float32 through the model
