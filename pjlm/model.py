@@ -379,15 +379,16 @@ class Embed(nn.Module):
             (c.vocab_size, c.d_model), _dtype(c.param_dtype))
 
     def __call__(self, tokens_BL):
-        # Look up in the table where it lies, sharded: every device takes all B·L token ids (a few KiB)
-        # and returns its slice of each row's embedding, and the caller's (batch, length, embed)
-        # constraint moves the [B, L, D] result onto the batch axis (one all-to-all of activations).
-        # Gathering the table instead would hold a whole [V, D] copy on every device (2 GiB at
-        # V = 128k, D = 4096 in float32), and its gradient likewise.
-        tokens_BL = nn.with_logical_constraint(tokens_BL, (None, None))
+        # Look up in the table where it lies, sharded over `embed` (fsdp): within an fsdp group every
+        # device takes the group's token ids (a few KiB) and returns its D-slice of each of their
+        # rows, and the caller's (batch, length, embed) constraint moves the result onto the batch
+        # axis (an all-to-all of activations, [B/data, L, D/fsdp] per device). Gathering the table
+        # instead would hold a whole [V, D] copy on every device (2 GiB at V = 128k, D = 4096 in
+        # float32), and its gradient likewise.
+        tokens_BL = nn.with_logical_constraint(tokens_BL, ("data_batch", None))
         dtype = _dtype(self.config.dtype)
         x_BLD = jnp.take(self.embedding, tokens_BL, axis=0).astype(dtype)
-        x_BLD = nn.with_logical_constraint(x_BLD, (None, None, "embed"))
+        x_BLD = nn.with_logical_constraint(x_BLD, ("data_batch", None, "embed"))
         if self.config.embed_scale:  # Gemma: sqrt(D) rounded to the compute dtype, as transformers does
             x_BLD = x_BLD * jnp.asarray(self.config.d_model ** 0.5, dtype)
         return x_BLD

@@ -23,6 +23,7 @@ MESH_AXES = MeshConfig.AXES
 # constrained as (batch, length, embed) then shard the batch over data×fsdp and replicate embed.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
+    ("data_batch", "data"),  # the batch over the data axis only (the embedding lookup, see pjlm.model.Embed)
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
