@@ -107,8 +107,15 @@ def _set(obj, path: list[str], value: str, full_key: str):
         raise ConfigError(f"config key {full_key!r} is a section; set one of its fields, e.g. {full_key}."
                           f"{dataclasses.fields(current)[0].name}=...")
     t = typing.get_type_hints(type(obj))[name]
-    parsed = None if value.lower() in ("none", "null") else value
+    parsed = None if value.lower() in ("none", "null") and not _a_choice(t, value) else value
     return dataclasses.replace(obj, **{name: _coerce(t, parsed, full_key)})
+
+
+def _a_choice(t, text: str) -> bool:
+    """Whether `text` is itself one of a Literal field's choices (model.remat=none means "none")."""
+    if typing.get_origin(t) is typing.Union:
+        return any(_a_choice(a, text) for a in typing.get_args(t) if a is not type(None))
+    return typing.get_origin(t) is Literal and text in typing.get_args(t)
 
 
 def _keys(obj, prefix: str = "") -> list[str]:

@@ -66,3 +66,13 @@ def test_a_tuple_override_takes_a_json_list_when_an_item_holds_a_comma():
     assert apply_overrides(Config(), ["data.buckets=[64, 128]"]).data.buckets == (64, 128)
     with pytest.raises(ConfigError, match="not one"):
         apply_overrides(Config(), ['ppo.rewards=["vader:1.0"'])
+
+
+def test_none_is_a_choice_where_a_field_lists_it_and_null_elsewhere():
+    from pjlm.config import Config, apply_overrides
+
+    config = apply_overrides(Config(), ["model.remat=full"])
+    assert apply_overrides(config, ["model.remat=none"]).model.remat == "none"
+    assert apply_overrides(Config(), ["model.sliding_window=none"]).model.sliding_window is None
+    with pytest.raises(ConfigError, match="cannot be None"):
+        apply_overrides(Config(), ["model.d_model=none"])
