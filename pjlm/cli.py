@@ -4,6 +4,7 @@
     pjlm sft|reward|dpo|ppo --model M --dataset D --workdir DIR [--split S] [--subset X] [--revision R]
         [--lora-rank R] [--steps N] [--config FILE] [--set section.field=value ...]   (pjlm/recipes.py)
     pjlm sample --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--samples K]
+    pjlm plan CONFIG.py [--devices N] [--device h100] [--set section.field=value ...]   (pjlm/plan.py)
     pjlm import-hf SRC DST · pjlm export-hf --workdir DIR OUT   (see pjlm/hf/cli.py)
 
 A mistake the user can fix (`pjlm.errors.PjlmError`) prints one line and exits 2; a run stopped by
@@ -111,6 +112,27 @@ def _sample(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from pjlm.plan import plan_subprocess
+
+    for record in plan_subprocess(args.config, args.set or (), devices=args.devices, device=args.device):
+        print(json.dumps(record), flush=True)
+    return 0
+
+
+def _add_plan_command(sub) -> None:
+    from pjlm.plan import ACCELERATORS
+
+    p = sub.add_parser("plan", help="per-device memory and FLOPs of a config's train step, compiled from "
+                                    "abstract arrays (one JSON line)")
+    p.add_argument("config", help="an experiments/*.py file defining get_config()")
+    p.add_argument("--devices", type=int, default=None,
+                   help="plan for N devices (fake CPU devices when this machine has fewer); default: this machine's")
+    p.add_argument("--device", default=None, help=f"say whether it fits one chip of: {', '.join(ACCELERATORS)}")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.set_defaults(handler=_plan)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="pjlm", description="Train and sample pjlm language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sample.add_argument("--chat", action="store_true",
                         help="the prompt is a user message: render it with the model's chat template and print replies")
     _add_phase_commands(sub)
+    _add_plan_command(sub)
     hf_cli.add_subcommands(sub)
     args = parser.parse_args(argv)
     try:

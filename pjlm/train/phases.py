@@ -44,30 +44,40 @@ def _batch_shardings(mesh, example: dict) -> Any:
     return jax.tree_util.tree_map(lambda x: sharding.batch_sharding(mesh, np.ndim(x)), example)
 
 
+def jit_train_step(cfg, model, tx, schedule, state_shardings, batch_shardings, ref_shardings=None) -> Callable:
+    """The jitted train step of `cfg.train.phase` (pretrain, sft, reward, dpo) exactly as a run
+    executes it (the planner, `pjlm.plan`, compiles the same): the state donated, its shardings in
+    and out; DPO takes `(state, ref_params, batch)`, the others `(state, batch)`."""
+    pref, phase, chunk = cfg.preference, cfg.train.phase, cfg.train.logprob_chunk
+    common = dict(model=model, tx=tx, schedule=schedule, lora_cfg=cfg.lora)
+    jit_step = functools.partial(jax.jit, out_shardings=(state_shardings, None), donate_argnums=0)
+    if phase in ("pretrain", "sft"):
+        return jit_step(functools.partial(steps.lm_step, grad_accum=cfg.optimizer.grad_accum, logprob_chunk=chunk,
+                                          **common), in_shardings=(state_shardings, batch_shardings))
+    if phase == "reward":
+        return jit_step(functools.partial(preference.reward_step, cfg=pref, **common),
+                        in_shardings=(state_shardings, batch_shardings))
+    return jit_step(functools.partial(preference.dpo_step, cfg=pref, logprob_chunk=chunk, **common),
+                    in_shardings=(state_shardings, ref_shardings, batch_shardings))
+
+
 def build(run, state_shardings, ref_params: Optional[Any]) -> Phase:
     """The jitted step and eval for `run.config.train.phase`; `ref_params` only for DPO."""
     cfg, pref = run.config, run.config.preference
     phase, chunk = cfg.train.phase, cfg.train.logprob_chunk
     batch_sh = _batch_shardings(run.mesh, run.train_batches.batch(0))
     eval_sh = _batch_shardings(run.mesh, run.eval_batches.batch(0)) if run.eval_batches is not None else batch_sh
-    common = dict(model=run.model, tx=run.tx, schedule=run.schedule, lora_cfg=cfg.lora)
-    jit_step = functools.partial(jax.jit, out_shardings=(state_shardings, None), donate_argnums=0)
     params_sh, frozen_sh = state_shardings.params, state_shardings.frozen
+    ref_sh = None if ref_params is None else params_sh
+    step = jit_train_step(cfg, run.model, run.tx, run.schedule, state_shardings, batch_sh, ref_sh)
     if phase in ("pretrain", "sft"):
-        step = jit_step(functools.partial(steps.lm_step, grad_accum=cfg.optimizer.grad_accum, logprob_chunk=chunk,
-                                          **common), in_shardings=(state_shardings, batch_sh))
         ev = jax.jit(functools.partial(steps.lm_eval_step, model=run.model, logprob_chunk=chunk, lora_cfg=cfg.lora),
                      in_shardings=(params_sh, frozen_sh, eval_sh))
         return Phase(step, lambda state, batch: ev(state.params, state.frozen, batch), _finalize_lm)
     if phase == "reward":
-        step = jit_step(functools.partial(preference.reward_step, cfg=pref, **common),
-                        in_shardings=(state_shardings, batch_sh))
         ev = jax.jit(functools.partial(preference.reward_eval_step, model=run.model, lora_cfg=cfg.lora),
                      in_shardings=(params_sh, frozen_sh, eval_sh))
         return Phase(step, lambda state, batch: ev(state.params, state.frozen, batch), _finalize_reward)
-    ref_sh = None if ref_params is None else params_sh
-    step = jit_step(functools.partial(preference.dpo_step, cfg=pref, logprob_chunk=chunk, **common),
-                    in_shardings=(state_shardings, ref_sh, batch_sh))
     ev = jax.jit(functools.partial(preference.dpo_eval_step, model=run.model, cfg=pref, logprob_chunk=chunk,
                                    lora_cfg=cfg.lora), in_shardings=(params_sh, frozen_sh, ref_sh, eval_sh))
     return Phase(lambda state, batch: step(state, ref_params, batch),

@@ -27,7 +27,7 @@ from pjlm.config import ConfigError
 from pjlm.generate import generate
 from pjlm.model import Transformer
 from pjlm.train import loop
-from pjlm.train.ppo_steps import PPOState, advantages, ppo_update_step, rollout_statistics
+from pjlm.train.ppo_steps import PPOState, advantages, jit_update, rollout_statistics
 from pjlm.train.state import make_optimizer
 
 
@@ -175,9 +175,8 @@ def _compile(r, tx_policy, tx_value, value_model) -> _Compiled:
     model_fn = None
     if scorer is not None:
         model_fn = rewards_lib.ModelReward(lambda *_: current["model"], mean=scorer[1], std=scorer[2])
-    update = jax.jit(lambda s, buf, idx: ppo_update_step(
-        s, jax.tree_util.tree_map(lambda x: x[idx], buf), policy_model=r.model, value_model=value_model,
-        tx_policy=tx_policy, tx_value=tx_value, cfg=cfg, lora_cfg=lora_cfg), donate_argnums=0)
+    update = jit_update(policy_model=r.model, value_model=value_model, tx_policy=tx_policy, tx_value=tx_value,
+                        cfg=cfg, lora_cfg=lora_cfg)
     return _Compiled(
         reward_fn=rewards_lib.build_reward(specs, model_scorer=model_fn), scorer=scorer, current=current,
         merged=jax.jit(lambda p, f: lora.merged_params(p, f, lora_cfg)),

@@ -126,3 +126,13 @@ def _named(metrics: dict) -> dict:
 def _apply(ts: TrainState, grads, tx) -> TrainState:
     updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
     return ts.replace(step=ts.step + 1, params=optax.apply_updates(ts.params, updates), opt_state=opt_state)
+
+
+def jit_update(*, policy_model: Transformer, value_model: Transformer, tx_policy, tx_value, cfg: PPOConfig,
+               lora_cfg: Optional[LoraConfig]):
+    """`update(state, buffer, idx)`: `ppo_update_step` on the minibatch of rows `idx` gathered from the
+    whole rollout buffer, jitted, the state donated (the loop and the planner compile this)."""
+    return jax.jit(lambda s, buf, idx: ppo_update_step(
+        s, jax.tree_util.tree_map(lambda x: x[idx], buf), policy_model=policy_model, value_model=value_model,
+        tx_policy=tx_policy, tx_value=tx_value, cfg=cfg, lora_cfg=lora_cfg), donate_argnums=0)
+
