@@ -77,14 +77,18 @@ class Sizes:
     gen_new: int
     gen_repeats: int
     anchor_flags: tuple[str, ...]
+    plan_model: tuple[str, ...]
+    """`--set` overrides of the planned model (the plan job plans the dpo_lora job's step)."""
 
 
 GPU = Sizes(model="tinyllama-1.1b", dtype="bfloat16", attention="cudnn", lm_batch=8, lm_len=2048, logprob_chunk=8192,
             lm_steps=5, dpo_pairs=8, dpo_len=512, dpo_prompt=128, dpo_steps=10, lora_rank=16, gen_batch=64,
-            gen_prompt=128, gen_new=256, gen_repeats=3, anchor_flags=())
+            gen_prompt=128, gen_new=256, gen_repeats=3, anchor_flags=(), plan_model=())
 TINY = Sizes(model="small", dtype="float32", attention="einsum", lm_batch=8, lm_len=32, logprob_chunk=128,
              lm_steps=2, dpo_pairs=8, dpo_len=32, dpo_prompt=8, dpo_steps=2, lora_rank=4, gen_batch=8,
-             gen_prompt=8, gen_new=8, gen_repeats=1, anchor_flags=("--tiny",))
+             gen_prompt=8, gen_new=8, gen_repeats=1, anchor_flags=("--tiny",),
+             plan_model=("model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
+                         "model.mlp_dim=384", "model.vocab_size=2048"))  # the small preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,13 +116,18 @@ def job_list(s: Sizes, build: str) -> list[Job]:
     gen = ("-m", "experiments.bench_generate", "--model", s.model, "--batch", s.gen_batch, "--prompt-len",
            s.gen_prompt, "--new-tokens", s.gen_new, "--dtype", s.dtype, "--repeats", s.gen_repeats)
     anchors = f"{build}/anchors.py"
-    # Placeholder until `pjlm plan` lands: its author fills in the DPO-LoRA config and flags.
-    plan = ("-m", "pjlm", "plan", "experiments/tinyllama_1b.py", "--devices", 1, "--device", "h200")
+    # The planner's prediction for the dpo_lora job's step (bench.py's DPO: no remat, full logits).
+    planned = (*s.plan_model, "train.phase=dpo", f"lora.rank={s.lora_rank}", f"lora.alpha={2 * s.lora_rank}",
+               f"data.batch_size={s.dpo_pairs}", f"data.seq_len={s.dpo_len}", "train.logprob_chunk=0",
+               f"model.dtype={s.dtype}", "model.param_dtype=bfloat16", "optimizer.state_dtype=bfloat16",
+               f"model.attention={s.attention}", "model.remat=none", "mesh.fsdp=1", "mesh.data=-1")
+    plan = ("-m", "pjlm", "plan", "experiments/tinyllama_1b.py", "--devices", 1, "--device", "h200",
+            *(a for o in planned for a in ("--set", o)))
     return [
         Job("pretrain_bf16", (*lm, *bf16), 120, modules=PJLM_TRAIN),                     # issue 4
         Job("dpo", dpo, 100, modules=PJLM_TRAIN),                                        # issue 5
         Job("dpo_lora", (*dpo, "--lora-rank", s.lora_rank), 100, modules=PJLM_TRAIN),    # issue 6
-        Job("plan_dpo_lora", plan, 45, files=("pjlm/plan.py",)),                         # beside dpo_lora's peak
+        Job("plan_dpo_lora", plan, 60, modules=PJLM_TRAIN),                              # beside dpo_lora's peak
         Job("generate", gen, 90, modules=("jax", "flax")),                               # issue 7
         Job("anchors_jax", (anchors, "--only", "versions,ceilings", *s.anchor_flags), 60, files=(anchors,),
             modules=("jax",)),

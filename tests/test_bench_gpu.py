@@ -22,10 +22,10 @@ def _flags(argv) -> dict:
 def test_tiny_run_records_every_job_and_survives_a_failing_and_a_hanging_one(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device: faster than conftest's eight
     out = tmp_path / "x.json"
-    # Skipped here: plan_dpo_lora until `pjlm plan` exists and the job's argv is filled in; pretrain_f32,
+    # Skipped here: pretrain_f32,
     # pretrain_bf16 but for two dtype flags (checked below), to keep this test near 30 s on two cores.
     proc = subprocess.run([sys.executable, "-m", "experiments.bench_gpu", "--tiny", "--inject-failures",
-                           "--build", str(tmp_path / "no-build"), "--skip", "plan_dpo_lora,pretrain_f32",
+                           "--build", str(tmp_path / "no-build"), "--skip", "pretrain_f32",
                            "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -51,7 +51,10 @@ def test_tiny_run_records_every_job_and_survives_a_failing_and_a_hanging_one(tmp
     assert jobs["pretrain_bf16"]["result"]["param_dtype"] == "bfloat16"
 
     skipped = {name: job for name, job in jobs.items() if job["status"] == "skipped"}
-    assert set(skipped) == {"plan_dpo_lora", "pretrain_f32", "anchors_jax", "anchors_torch"}
+    assert set(skipped) == {"pretrain_f32", "anchors_jax", "anchors_torch"}
+    planned = jobs["plan_dpo_lora"]["result"]  # the planner's figures for the dpo_lora job's step
+    assert planned["phase"] == "dpo" and planned["temporaries_gib"] > 0 and planned["device"] == "h200"
+    assert planned["rows"] == 2 * bench_gpu.TINY.dpo_pairs and planned["seq_len"] == bench_gpu.TINY.dpo_len
     assert all(job["reason"] for job in skipped.values())
     assert "--prepare" in skipped["anchors_torch"]["reason"] and "--prepare" in report["setup"]["reason"]
     log = out.with_suffix(".log").read_text()
