@@ -32,6 +32,11 @@ class NonFiniteError(PjlmError, FloatingPointError):
     """The loss or gradient norm became NaN/Inf; the message names the step and the last good checkpoint."""
 
 
+class RewardError(PjlmError, ValueError):
+    """A reward component that failed or returned unusable scores; the message names the component
+    (and, for a user's function, where it raised)."""
+
+
 class WorkdirBusyError(CheckpointError):
     """Another live run holds the work directory's lease; the message names the holder."""
 

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import re
-from typing import Any, Callable, Protocol
+import traceback
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import numpy as np
+
+from pjlm.errors import ConfigError, RewardError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,15 +140,73 @@ class ModelReward:
         return ((raw - self.mean) / self.std).astype(np.float32)
 
 
+class PythonReward:
+    """A user's function of (prompts, responses) → one score per response (a list, array or anything
+    `np.asarray` takes), as a reward component: `python:W:fn=package.module:function` in
+    `ppo.rewards`, or a callable in `pjlm.train.run(..., rewards=[...])`. An exception inside it stops
+    the run with a `RewardError` naming the component and the line that raised."""
+
+    def __init__(self, fn: Callable[[list[str], list[str]], Any], name: Optional[str] = None):
+        if not callable(fn):
+            raise ConfigError(f"a python reward needs a callable, got {fn!r}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", None) or "python"
+
+    def __call__(self, batch: RewardInput) -> np.ndarray:
+        try:
+            return self.fn(list(batch.prompts), list(batch.responses))
+        except Exception as e:
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            raise RewardError(f"reward component {self.name!r} raised {type(e).__name__}: {e} "
+                              f"(at {frame.filename}:{frame.lineno}, in {frame.name})") from e
+
+
+def import_function(reference: str, what: str = "reward") -> Callable:
+    """`package.module:function` (dots after the colon reach attributes) imported, or a ConfigError
+    saying what could not be found."""
+    module_name, sep, attr = reference.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{what} fn={reference!r} is not package.module:function")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{what} fn={reference!r}: cannot import {module_name!r} ({e}); put its package on "
+                          "PYTHONPATH or install it") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{what} fn={reference!r}: {module_name} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{what} fn={reference!r} is not callable")
+    return obj
+
+
+class ClippedReward:
+    """A component's scores clipped to [−clip, clip] (after a reward model's normalisation, before
+    weighting): `clip=C` on any spec. Keeps the component's name."""
+
+    def __init__(self, inner: "RewardFn", clip: float):
+        if not clip > 0:
+            raise ConfigError(f"reward component {inner.name!r}: clip={clip!r} must be positive")
+        self.inner, self.clip, self.name = inner, float(clip), inner.name
+
+    def __call__(self, batch: RewardInput) -> np.ndarray:
+        scores = check_scores(self.name, self.inner(batch), batch.size)
+        return np.clip(scores, -self.clip, self.clip)
+
+
 def check_scores(name: str, scores: Any, n: int) -> np.ndarray:
-    """`scores` as float32 [n], or a ValueError naming the component: wrong count, or non-finite values."""
-    arr = np.asarray(scores, np.float64).reshape(-1)
+    """`scores` as float32 [n], or a RewardError naming the component: wrong count, or non-finite values."""
+    try:
+        arr = np.asarray(scores, np.float64).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise RewardError(f"reward component {name!r} returned {type(scores).__name__}, not numbers: {e}") from None
     if arr.size != n:
-        raise ValueError(f"reward component {name!r} returned {arr.size} scores for {n} responses")
+        raise RewardError(f"reward component {name!r} returned {arr.size} scores for {n} responses")
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
-        raise ValueError(f"reward component {name!r} returned non-finite scores {arr[bad[:5]].tolist()} "
-                         f"at rows {bad[:5].tolist()} (of {bad.size} non-finite)")
+        raise RewardError(f"reward component {name!r} returned non-finite scores {arr[bad[:5]].tolist()} "
+                          f"at rows {bad[:5].tolist()} (of {bad.size} non-finite)")
     return arr.astype(np.float32)
 
 
@@ -178,14 +240,26 @@ class CompositeReward:
 # From config
 # ---------------------------------------------------------------------------------------------
 
-REWARD_KINDS = ("vader", "length", "regex", "eos_penalty", "model")
+REWARD_KINDS = ("vader", "length", "regex", "eos_penalty", "model", "python")
 
 
 def _build_one(spec: dict, model_scorer: Callable | None) -> RewardFn:
+    clip = spec.get("clip")
+    fn = _build_unclipped({k: v for k, v in spec.items() if k != "clip"}, model_scorer)
+    return fn if clip is None else ClippedReward(fn, float(clip))
+
+
+def _build_unclipped(spec: dict, model_scorer: Callable | None) -> RewardFn:
     kind = spec.get("kind")
     kwargs = {k: v for k, v in spec.items() if k not in ("kind", "weight")}
     if kind not in REWARD_KINDS:
         raise ValueError(f"unknown reward kind {kind!r} in {spec}; valid kinds: {', '.join(REWARD_KINDS)}")
+    if kind == "python":
+        if "fn" not in kwargs or set(kwargs) - {"fn", "name"}:
+            raise ConfigError(f"reward spec {spec}: a python component takes fn=package.module:function "
+                              "and optionally name=")
+        fn = kwargs["fn"] if callable(kwargs["fn"]) else import_function(str(kwargs["fn"]))
+        return PythonReward(fn, kwargs.get("name"))
     if kind == "model":
         if model_scorer is None:
             raise ValueError(f"reward spec {spec} needs a reward model: set ppo.reward_model "
@@ -204,13 +278,18 @@ def _build_one(spec: dict, model_scorer: Callable | None) -> RewardFn:
         raise ValueError(f"reward spec {spec}: {e}") from None
 
 
-def build_reward(specs: list[dict], *, model_scorer: Callable | None = None) -> CompositeReward:
+def build_reward(specs: list[dict], *, model_scorer: Callable | None = None,
+                 extra: Sequence[Extra] = ()) -> CompositeReward:
     """A `CompositeReward` from config dicts, e.g. {"kind": "length", "weight": 0.1, "target": 40,
-    "scale": 0.05}: `kind` (one of REWARD_KINDS), `weight` (default 1.0), an optional `name`, and the
-    rest as the component's keyword arguments. "model" wraps `model_scorer`, a score_fn(prompt_ids,
-    response_ids, response_mask) -> [B], in a ModelReward with the spec's mean/std; a ModelReward
-    passed as `model_scorer` is used as it is."""
-    return CompositeReward([(_build_one(dict(s), model_scorer), float(s.get("weight", 1.0))) for s in specs])
+    "scale": 0.05}: `kind` (one of REWARD_KINDS), `weight` (default 1.0), an optional `name`, an
+    optional `clip` (scores clipped to [−clip, clip] before weighting, after a model's
+    normalisation), and the rest as the component's keyword arguments. "model" wraps
+    `model_scorer`, a score_fn(prompt_ids, response_ids, response_mask) -> [B], in a ModelReward
+    with the spec's mean/std; a ModelReward passed as `model_scorer` is used as it is. "python"
+    imports `fn` (package.module:function, a function of (prompts, responses)). `extra`: more
+    components from Python (`extra_components`)."""
+    components = [(_build_one(dict(s), model_scorer), float(s.get("weight", 1.0))) for s in specs]
+    return CompositeReward(components + extra_components(extra))
 
 
 def _parse_value(text: str) -> Any:
@@ -236,5 +315,22 @@ def parse_reward_spec(text: str) -> dict:
             raise ValueError(f"reward spec {text!r}: {piece!r} is not key=value")
         else:
             spec[key] += ":" + piece
-    return {k: (_parse_value(v) if k not in ("kind", "pattern", "name") and isinstance(v, str) else v)
+    return {k: (_parse_value(v) if k not in ("kind", "pattern", "name", "fn", "path") and isinstance(v, str) else v)
             for k, v in spec.items()}
+
+
+Extra = Union["RewardFn", Callable[[list[str], list[str]], Any], tuple]
+
+
+def extra_components(rewards: Sequence[Extra]) -> list[tuple["RewardFn", float]]:
+    """(component, weight) pairs from `pjlm.train.run(..., rewards=[...])`: each item a reward function
+    (a callable with a `name`, called on a `RewardInput`), a plain function of (prompts, responses),
+    or either as (item, weight); weight 1.0 by default."""
+    out = []
+    for item in rewards:
+        fn, weight = (item if isinstance(item, tuple) else (item, 1.0))
+        if not callable(fn):
+            raise ConfigError(f"rewards=[...] item {item!r} is not callable; pass a function of (prompts, "
+                              "responses) or a RewardFn, optionally as (fn, weight)")
+        out.append((fn if hasattr(fn, "name") else PythonReward(fn), float(weight)))
+    return out

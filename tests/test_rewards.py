@@ -98,7 +98,7 @@ def test_build_reward_from_specs():
 
 
 def test_build_reward_errors():
-    with pytest.raises(ValueError, match="unknown reward kind 'sentiment'.*vader, length, regex, eos_penalty, model"):
+    with pytest.raises(ValueError, match="unknown reward kind .sentiment.*vader, length, regex, eos_penalty, model, python"):
         rewards.build_reward([{"kind": "sentiment"}])
     with pytest.raises(ValueError, match="model_scorer=None"):
         rewards.build_reward([{"kind": "model"}])
@@ -117,3 +117,48 @@ def test_parse_reward_spec_strings_from_config():
     assert rewards.parse_reward_spec(r"regex:0.5:pattern=^A: \d+$:reward_miss=-1") == {
         "kind": "regex", "weight": 0.5, "pattern": r"^A: \d+$", "reward_miss": -1}
     assert rewards.parse_reward_spec("eos_penalty:1:penalty=1")["penalty"] == 1
+
+
+USER_REWARDS = '''
+def exclamations(prompts, responses):
+    return [r.count("!") for r in responses]
+
+def broken(prompts, responses):
+    return {"not": "scores"}[responses[0]]
+'''
+
+
+def test_python_rewards_from_a_spec_and_from_code(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = rewards.parse_reward_spec("python:0.5:fn=my_rewards:exclamations:clip=1.5")
+    assert spec == {"kind": "python", "weight": 0.5, "fn": "my_rewards:exclamations", "clip": 1.5}
+    lengths = lambda prompts, responses: [float(len(r)) for r in responses]  # noqa: E731
+    composite = rewards.build_reward([spec], extra=[(lengths, 0.25), rewards.LengthReward(target=2, scale=1.0)])
+    assert composite.weights == {"exclamations": 0.5, "<lambda>": 0.25, "length": 1.0}
+    total, parts = composite(_batch(["hi!", "wow!!!", "ok"], lengths=[2, 4, 2]))
+    np.testing.assert_array_equal(parts["exclamations"], [1.0, 1.5, 0.0])  # 3 clipped to 1.5
+    np.testing.assert_array_equal(parts["<lambda>"], [3.0, 6.0, 2.0])
+    np.testing.assert_array_equal(parts["length"], [0.0, -2.0, 0.0])
+    assert_close(total, 0.5 * parts["exclamations"] + 0.25 * parts["<lambda>"] + parts["length"], F32)
+
+
+def test_python_reward_errors_name_the_component(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    broken = rewards.build_reward([rewards.parse_reward_spec("python:1:fn=my_rewards:broken")])
+    with pytest.raises(rewards.RewardError, match=r"component 'broken' raised KeyError: 'a' \(at .*my_rewards.py:6, in broken\)"):
+        broken(_batch(["a"]))
+    wrong_count = rewards.build_reward([], extra=[lambda p, r: [1.0]])
+    with pytest.raises(rewards.RewardError, match="'<lambda>' returned 1 scores for 2 responses"):
+        wrong_count(_batch(["a", "b"]))
+    with pytest.raises(rewards.ConfigError, match="cannot import 'no_such_module'"):
+        rewards.build_reward([rewards.parse_reward_spec("python:1:fn=no_such_module:f")])
+    with pytest.raises(rewards.ConfigError, match="has no 'nothing'"):
+        rewards.build_reward([rewards.parse_reward_spec("python:1:fn=my_rewards:nothing")])
+    with pytest.raises(rewards.ConfigError, match="is not package.module:function"):
+        rewards.build_reward([{"kind": "python", "fn": "my_rewards.exclamations"}])
+    with pytest.raises(rewards.ConfigError, match="not callable"):
+        rewards.extra_components([3])
+    with pytest.raises(rewards.ConfigError, match="clip=-1.0 must be positive"):
+        rewards.build_reward([{"kind": "length", "target": 1, "scale": 1.0, "clip": -1}])
