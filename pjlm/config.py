@@ -387,11 +387,14 @@ class PPOConfig:
     """RLHF with PPO (or a critic-free group baseline) against a KL penalty to the reference."""
 
     reward_model: Optional[str] = None
-    """Work directory of a reward-model run: the 'model' reward component, and the value model's start."""
+    """Work directory of a reward-model run (full or LoRA): the value model's start (it must share the
+    policy's architecture and tokenizer), and the 'model' reward components that name no path=."""
     rewards: tuple[str, ...] = ("model:1.0",)
     """Reward components as kind:weight[:key=value...]: model, vader, length:w:target=40:scale=0.05,
-    regex:w:pattern=..., eos_penalty:w:penalty=1. With --set, comma-separated, or a JSON list when a
-    pattern holds a comma."""
+    regex:w:pattern=..., eos_penalty:w:penalty=1, python:w:fn=package.module:function (a function of
+    (prompts, responses) → scores), model:w:path=DIR (a reward-model run of any architecture; text
+    re-encoded when its tokenizer differs; :normalize=false skips its saved mean/std); any may add
+    :clip=C (scores clipped to [−C, C] before weighting) and :name=N. With --set, comma-separated, or a JSON list when a pattern holds a comma."""
     group_size: int = 1
     """Samples per prompt, ≥ 1 (RLOO/GRPO need ≥ 2); a rollout is data.batch_size prompts × group_size.
     Prompts longer than data.max_prompt_len are cut from the left (and counted)."""
@@ -464,9 +467,10 @@ class Config:
             raise ConfigError(f"data.batch_size={self.data.batch_size} is not divisible by "
                               f"optimizer.grad_accum={self.optimizer.grad_accum}")
         if self.train.phase == "ppo" and not self.ppo.reward_model and any(
-                r.split(":", 1)[0] == "model" for r in self.ppo.rewards):
-            raise ConfigError("ppo.rewards has a 'model' component but ppo.reward_model is not set; set it to a "
-                              "reward-model run's work directory, or use rule-based rewards only (e.g. vader:1.0)")
+                r.split(":", 1)[0] == "model" and ":path=" not in r for r in self.ppo.rewards):
+            raise ConfigError("ppo.rewards has a 'model' component without path= and ppo.reward_model is not set; "
+                              "give the component its reward-model run (model:1.0:path=runs/rm) or set "
+                              "ppo.reward_model, or use rule-based rewards only (e.g. vader:1.0)")
         if self.model.final_softcap is not None and self.train.logprob_chunk:
             raise ConfigError(f"train.logprob_chunk={self.train.logprob_chunk} cannot apply model.final_softcap "
                               "(the chunked log-probs never form the capped logits); set train.logprob_chunk=0")

@@ -25,14 +25,13 @@ import numpy as np
 import optax
 
 from pjlm import checkpoint as ckpt_lib
-from pjlm import lora, sharding
+from pjlm import lora, scorers, sharding
 from pjlm import rewards as rewards_lib
 from pjlm.config import Config, MeshConfig, from_dict
 from pjlm.data.tokenizer import Tokenizer
 from pjlm.generate import generate
 from pjlm.model import Transformer
-from pjlm.train.ppo_steps import response_logps, sequence_layout
-from pjlm.train.preference import sequence_scores
+from pjlm.train.ppo_steps import response_logps
 
 _logps = jax.jit(response_logps, static_argnames=("model", "temperature", "with_entropy"))
 
@@ -142,15 +141,9 @@ def load_policy(checkpoint: str | Path, mesh: Optional[Any] = None) -> tuple[Tra
 
 
 def load_reward_model(workdir: str | Path, model_config, mesh: Any) -> tuple[Any, float, float]:
-    """A reward-model run's jitted scorer (prompt tokens, prompt mask, response mask) → [B] raw
-    scores, and its saved mean/std (for normalising as (s − mean)/std)."""
-    path, step = ckpt_lib.resolve_checkpoint(workdir)
-    stats = ckpt_lib.read_meta(path, step).get("reward_stats") or {"mean": 0.0, "std": 1.0}
-    model = Transformer(model_config, head="scalar")
-    params = _restore(path / str(step), ckpt_lib.abstract_like(*sharding.abstract_params(model, mesh)))
-    @jax.jit
-    def score(tokens, prompt_mask, response_mask):
-        positions, segments = sequence_layout(prompt_mask, response_mask)
-        return sequence_scores(model, params, {"tokens": tokens, "positions": positions, "segment_ids": segments})
-
-    return score, float(stats["mean"]), max(float(stats["std"]), 1e-6)
+    """A reward-model run's (full or LoRA) jitted scorer (prompt tokens, prompt mask, response mask)
+    → [B] raw scores, and its saved mean/std (for normalising as (s − mean)/std); see
+    `pjlm.scorers.load_reward_model`. The tokens must be in its tokenizer; `model_config` is unused
+    (the reward model has its own run's architecture)."""
+    rm = scorers.load_reward_model(workdir, mesh)
+    return rm.score_tokens, rm.mean, rm.std

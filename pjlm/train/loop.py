@@ -136,6 +136,8 @@ class _Run:
     """`train.init_from` pinned to the step folder it resolved to at the run's first start."""
     reward_model: Optional[str] = None
     """`ppo.reward_model`, pinned likewise."""
+    reward_models: dict = dataclasses.field(default_factory=dict)
+    """{"ppo.rewards[i]": pinned step folder} of the reward components that name their own checkpoint."""
     lease: Optional[rundir.Lease] = None
 
 
@@ -172,7 +174,8 @@ def setup(config: Config, workdir: Path, pins: Optional[dict] = None) -> _Run:
     return _Run(config, workdir, mesh, model, tokenizer, train_batches, eval_batches, tx, schedule,
                 {**stats, **{f"tokenize_{k}": v for k, v in tok_stats.items()}}, rundir.data_fingerprint(config.data),
                 init_from,
-                rundir.check_pin("ppo.reward_model", pins.get("ppo.reward_model")))
+                rundir.check_pin("ppo.reward_model", pins.get("ppo.reward_model")),
+                {k: rundir.check_pin(k, pin) for k, pin in pins.items() if k.startswith("ppo.rewards[")})
 
 
 def _vocab_size(init_from: Optional[str], saved_model: Optional[dict], tokenizer) -> int:
@@ -280,7 +283,7 @@ def _check_tokenizer(meta: dict, tokenizer, where) -> None:
 def _meta(run: _Run, step: int, last_eval: Optional[dict] = None) -> dict:
     meta = {"config": to_dict(run.config), "step": step, "phase": run.config.train.phase,
             "tokenizer": run.tokenizer.fingerprint(), "git_revision": git_revision(), "eval": last_eval or {},
-            "pinned": {"train.init_from": run.init_from, "ppo.reward_model": run.reward_model}}
+            "pinned": {"train.init_from": run.init_from, "ppo.reward_model": run.reward_model, **run.reward_models}}
     if last_eval and "eval_reward_mean" in last_eval:  # RL normalises the reward model's scores with these
         meta["reward_stats"] = {"mean": last_eval["eval_reward_mean"], "std": last_eval["eval_reward_std"]}
     return meta

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pjlm import checkpoint as ckpt_lib
-from pjlm import evaluate, lora, metrics as metrics_lib, rewards as rewards_lib, rl, sharding
+from pjlm import lora, metrics as metrics_lib, rewards as rewards_lib, rl, scorers, sharding
 from pjlm.config import ConfigError
 from pjlm.generate import generate
 from pjlm.model import Transformer
@@ -31,10 +31,35 @@ from pjlm.train.ppo_steps import PPOState, advantages, jit_update, rollout_stati
 from pjlm.train.state import make_optimizer
 
 
-def _model_scorer(r, mesh, directory: str):
-    """A jitted reward-model scorer over rollouts and its saved mean/std."""
-    loop._check_tokenizer(ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(directory)), r.tokenizer, directory)
-    return evaluate.load_reward_model(directory, r.model.config, mesh)
+def _reward_models(r) -> list[tuple[dict, scorers.RewardModel]]:
+    """(spec, loaded reward model) of every learned component of `ppo.rewards`, each from the step
+    pinned at the run's first start: its own `path=`, else `ppo.reward_model`."""
+    out = []
+    for i, spec in enumerate(rewards_lib.parse_reward_spec(text) for text in r.config.ppo.rewards):
+        if spec["kind"] != "model":
+            continue
+        unknown = set(spec) - {"kind", "weight", "path", "name", "clip", "normalize"}
+        if unknown:
+            raise ConfigError(f"ppo.rewards[{i}] = {r.config.ppo.rewards[i]!r}: a model component takes path=, "
+                              f"name=, clip=, normalize=, not {', '.join(sorted(unknown))}")
+        path = r.reward_models.get(f"ppo.rewards[{i}]") or r.reward_model
+        name = spec.get("name") or (scorers.run_name(path) if spec.get("path") else "reward_model")
+        out.append((spec, scorers.load_reward_model(path, r.mesh, name=name)))
+    return out
+
+
+def _learned_components(r, models, on_device: dict) -> list[tuple[Any, float]]:
+    """The reward models as (component, weight); those sharing the policy's tokenizer read the scores
+    the loop computes on device from the rollout's tokens, the others re-encode the texts."""
+    out = []
+    for spec, rm in models:
+        shared = rm.fingerprint() == r.tokenizer.fingerprint()
+        normalize = str(spec.get("normalize", True)).lower() not in ("false", "0", "no")
+        component = scorers.LearnedReward(rm, on_device if shared else None, r.mesh, normalize=normalize)
+        if spec.get("clip") is not None:
+            component = rewards_lib.ClippedReward(component, float(spec["clip"]))
+        out.append((component, float(spec.get("weight", 1.0))))
+    return out
 
 
 def _init(r, cfg, tx_policy, tx_value, value_model, checkpointer):
@@ -43,7 +68,7 @@ def _init(r, cfg, tx_policy, tx_value, value_model, checkpointer):
     policy, policy_sh = loop.init_state(r.model, tx_policy, mesh, seed, lora_cfg)
     value, value_sh = loop.init_state(value_model, tx_value, mesh, seed + 1, lora_cfg, lora_strict=False)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = PPOState(policy=policy, value=value, kl_beta=jax.device_put(jnp.float32(cfg.kl_coef), replicated),
+    state = PPOState(policy=policy, value=value, kl_beta=jax.device_put(rl.kl_init(cfg).beta, replicated),
                      rng=jax.device_put(jax.random.PRNGKey(seed + 2), replicated))
     shardings = PPOState(policy=policy_sh, value=value_sh, kl_beta=None, rng=None)
     if checkpointer.latest_step() is not None:
@@ -80,9 +105,11 @@ def _value_init(r, value, value_sh) -> tuple[Any, Any]:
 
 
 def _value_params(r, fresh, fresh_sh):
-    if r.reward_model:
-        params, _ = ckpt_lib.load_params(r.reward_model, ckpt_lib.abstract_like(fresh, fresh_sh))
-        return params
+    if r.reward_model:  # a full or LoRA reward model of the policy's architecture
+        loop._check_tokenizer(ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(r.reward_model)), r.tokenizer,
+                              r.reward_model)
+        params = scorers.value_start(r.reward_model, Transformer(r.model.config, head="scalar"), r.mesh, fresh)
+        return jax.device_put(params, fresh_sh)
     return loop.load_init_params(r, fresh, fresh_sh)  # the policy's trunk and a fresh value head
 
 
@@ -129,15 +156,20 @@ def _updates(state: PPOState, buffer: dict, update, cfg, key, iteration: int) ->
     return state, means
 
 
-def run(config, workdir, *, allow_config_change: bool = False) -> loop.RunResult:
+def run(config, workdir, *, allow_config_change: bool = False, rewards=()) -> loop.RunResult:
     """Run PPO in `workdir`, resuming from its newest intact checkpoint (see `pjlm.train.loop.run`
-    for the work directory's guarantees and what it raises)."""
+    for the work directory's guarantees and what it raises); `rewards` as in `pjlm.train.run`."""
+    extra = rewards_lib.extra_components(rewards)  # a bad item fails before anything is built
     with loop.open_run(config, workdir, allow_config_change=allow_config_change) as (r, checkpointer):
-        return _run(r, checkpointer)
+        return _run(r, checkpointer, extra)
 
 
-def _run(r, checkpointer) -> loop.RunResult:
+def _run(r, checkpointer, extra=()) -> loop.RunResult:
     cfg = r.config.ppo
+    specs = [rewards_lib.parse_reward_spec(text) for text in cfg.rewards]
+    rules = [s for s in specs if s["kind"] != "model"]
+    if rules or extra:  # fail before any model is built: imports of python rewards, spec keys, names
+        rewards_lib.build_reward(rules, extra=extra)
     if cfg.advantage != "gae" and cfg.group_size < 2:
         raise ConfigError(f"ppo.advantage={cfg.advantage} needs ppo.group_size ≥ 2 samples per prompt")
     B = r.config.data.batch_size * cfg.group_size
@@ -152,14 +184,15 @@ def _run(r, checkpointer) -> loop.RunResult:
     # the shape/sharding template; nothing is copied). With LoRA it is the frozen base.
     ref = None if r.config.lora is not None else loop.load_init_params(
         r, state.policy.params, jax.tree_util.tree_map(lambda x: x.sharding, state.policy.params))
-    return _iterate(r, state, ref, tx_policy, tx_value, value_model, checkpointer)
+    return _iterate(r, state, ref, tx_policy, tx_value, value_model, checkpointer, extra)
 
 
 @dataclasses.dataclass
 class _Compiled:
-    """What every iteration calls: the reward, the learned scorer (if any), and the jitted pieces."""
+    """What every iteration calls: the reward, the reward models scored on device, and the jitted pieces."""
     reward_fn: rewards_lib.CompositeReward
-    scorer: Any
+    on_device: list
+    """The reward models that share the policy's tokenizer: scored from the rollout's tokens on device."""
     current: dict
     merged: Any
     stats_fn: Any
@@ -167,18 +200,17 @@ class _Compiled:
     update: Any
 
 
-def _compile(r, tx_policy, tx_value, value_model) -> _Compiled:
+def _compile(r, tx_policy, tx_value, value_model, extra=()) -> _Compiled:
     cfg, lora_cfg = r.config.ppo, r.config.lora
     specs = [rewards_lib.parse_reward_spec(text) for text in cfg.rewards]
-    scorer = _model_scorer(r, r.mesh, r.reward_model) if any(s["kind"] == "model" for s in specs) else None
+    models = _reward_models(r)
     current: dict = {}  # the learned scores of the current rollout, computed on device before decoding
-    model_fn = None
-    if scorer is not None:
-        model_fn = rewards_lib.ModelReward(lambda *_: current["model"], mean=scorer[1], std=scorer[2])
+    learned = _learned_components(r, models, current)
     update = jit_update(policy_model=r.model, value_model=value_model, tx_policy=tx_policy, tx_value=tx_value,
                         cfg=cfg, lora_cfg=lora_cfg)
     return _Compiled(
-        reward_fn=rewards_lib.build_reward(specs, model_scorer=model_fn), scorer=scorer, current=current,
+        reward_fn=rewards_lib.build_reward([s for s in specs if s["kind"] != "model"], extra=[*learned, *extra]),
+        on_device=[rm for _, rm in models if rm.fingerprint() == r.tokenizer.fingerprint()], current=current,
         merged=jax.jit(lambda p, f: lora.merged_params(p, f, lora_cfg)),
         stats_fn=jax.jit(functools.partial(rollout_statistics, policy_model=r.model, value_model=value_model,
                                            cfg=cfg, lora_cfg=lora_cfg)),
@@ -199,9 +231,9 @@ def _iteration(r, fns: _Compiled, state: PPOState, ref, it: int) -> tuple[PPOSta
     rollout = {"tokens": out["tokens"], "prompt_mask": prompts["prompt_mask"], "response_mask": out["response_mask"]}
     jax.block_until_ready(out)
     t1 = time.perf_counter()
-    if fns.scorer is not None:
-        fns.current["model"] = np.asarray(fns.scorer[0](rollout["tokens"], rollout["prompt_mask"],
-                                                        rollout["response_mask"]))
+    for rm in fns.on_device:
+        fns.current[rm.name] = np.asarray(jax.device_get(rm.score_tokens(
+            rollout["tokens"], rollout["prompt_mask"], rollout["response_mask"])))
     scores, parts, info = _score(r, fns.reward_fn, rollout)
     t2 = time.perf_counter()
     stats = fns.stats_fn(state, ref, rollout)
@@ -209,10 +241,8 @@ def _iteration(r, fns: _Compiled, state: PPOState, ref, it: int) -> tuple[PPOSta
     state, step_metrics = _updates(state, {**rollout, **stats, **adv}, fns.update, cfg, key, it + 1)
     step_metrics.update(time_generate_s=t1 - t0, time_score_s=t2 - t1, time_update_s=time.perf_counter() - t2)
     seq_kl = float(jnp.mean(jnp.sum(adv["kl"], axis=1)))
-    if cfg.kl_target is not None:
-        kl = rl.kl_update(rl.KLState(beta=state.kl_beta), seq_kl, len(scores), target=cfg.kl_target,
-                          horizon=cfg.kl_horizon, adaptive=True)
-        state = state.replace(kl_beta=kl.beta)
+    state = state.replace(kl_beta=rl.kl_controller(cfg).update(rl.KLState(beta=state.kl_beta), seq_kl,
+                                                                len(scores)).beta)
     if cfg.advantage == "gae":
         step_metrics["value_explained_variance"] = float(rl.explained_variance(
             stats["old_values"], adv["returns"], rollout["response_mask"].astype(jnp.float32)))
@@ -221,9 +251,9 @@ def _iteration(r, fns: _Compiled, state: PPOState, ref, it: int) -> tuple[PPOSta
     return state, record
 
 
-def _iterate(r, state: PPOState, ref, tx_policy, tx_value, value_model, checkpointer) -> loop.RunResult:
+def _iterate(r, state: PPOState, ref, tx_policy, tx_value, value_model, checkpointer, extra=()) -> loop.RunResult:
     cfg, tcfg = r.config.ppo, r.config.train
-    fns = _compile(r, tx_policy, tx_value, value_model)
+    fns = _compile(r, tx_policy, tx_value, value_model, extra)
     history = []
     start = int(state.policy.step) // (cfg.epochs * cfg.minibatches)
     with metrics_lib.MetricWriter(r.workdir, total_steps=tcfg.steps, is_main=jax.process_index() == 0) as writer, \

@@ -210,10 +210,23 @@ def pin_checkpoint(path: Optional[str]) -> Optional[dict]:
     return {"given": str(path), "directory": str(directory), "step": step, "path": str(directory / str(step))}
 
 
+def reward_model_paths(rewards) -> dict[str, str]:
+    """{"ppo.rewards[i]": path} for each learned reward component of `ppo.rewards` that names its own
+    checkpoint (`model:W:path=DIR`); the others read `ppo.reward_model`."""
+    from pjlm.rewards import parse_reward_spec
+
+    specs = [parse_reward_spec(text) for text in rewards]
+    return {f"ppo.rewards[{i}]": str(s["path"]) for i, s in enumerate(specs) if s["kind"] == "model" and s.get("path")}
+
+
 def resolve_pins(config) -> dict:
     """The checkpoints a run reads, each resolved to its step now (see `pin_checkpoint`)."""
-    return {"train.init_from": pin_checkpoint(config.train.init_from),
-            "ppo.reward_model": pin_checkpoint(config.ppo.reward_model) if config.train.phase == "ppo" else None}
+    ppo = config.train.phase == "ppo"
+    pins = {"train.init_from": pin_checkpoint(config.train.init_from),
+            "ppo.reward_model": pin_checkpoint(config.ppo.reward_model) if ppo else None}
+    if ppo:
+        pins.update({key: pin_checkpoint(path) for key, path in reward_model_paths(config.ppo.rewards).items()})
+    return pins
 
 
 def check_pin(name: str, pin: Optional[dict]) -> Optional[str]:
@@ -296,6 +309,11 @@ class RunRecord:
         for key in ("train.init_from", "ppo.reward_model"):  # a forced new source is pinned afresh
             if key in refused:
                 self.pins[key] = pin_checkpoint(definition.get(key))
+        if "ppo.rewards" in refused and definition.get("train.phase") == "ppo":
+            for key in [k for k in self.pins if k.startswith("ppo.rewards[")]:
+                del self.pins[key]
+            self.pins.update({key: pin_checkpoint(path)
+                              for key, path in reward_model_paths(definition["ppo.rewards"]).items()})
 
     def check_fingerprints(self, tokenizer: str, data: str, allow: bool) -> None:
         """At the first start record the tokenizer and data fingerprints; on a resume refuse a change."""

@@ -56,7 +56,14 @@ def test_critic_free_ppo_with_lora_trains_adapters_against_the_base(make_config,
 
     c = _ppo_config(make_config, pretrained, beta=0.01, steps=2, advantage="grpo")
     c = c.__class__(**{**c.__dict__, "lora": lora.LoraConfig(rank=4, alpha=8.0)})
-    result = run(c, tmp_path / "grpo")
+
+    def words(prompts, responses):  # a Python reward beside the config's regex
+        assert len(prompts) == len(responses) == 16
+        return [len(r.split()) for r in responses]
+
+    result = run(c, tmp_path / "grpo", rewards=[(words, 0.5)])
+    for h in result.history:  # the total is the weighted sum of the logged components (means are linear)
+        assert h["reward"] == pytest.approx(h["reward_regex"] + 0.5 * h["reward_words"], rel=1e-5, abs=1e-6)
     assert set(result.state.params) == {"lora"}
     assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the base is the reference (bound as above)
     assert result.history[-1]["kl"] != 0.0 and "value_loss" not in result.history[-1]
