@@ -239,7 +239,12 @@ def _iteration(r, fns: _Compiled, state: PPOState, ref, it: int) -> tuple[PPOSta
     stats = fns.stats_fn(state, ref, rollout)
     adv = fns.adv_fn(stats, jnp.asarray(scores), rollout["response_mask"], state.kl_beta)
     state, step_metrics = _updates(state, {**rollout, **stats, **adv}, fns.update, cfg, key, it + 1)
-    step_metrics.update(time_generate_s=t1 - t0, time_score_s=t2 - t1, time_update_s=time.perf_counter() - t2)
+    t3 = time.perf_counter()
+    rows, length = rollout["tokens"].shape
+    new_tokens = info["response_length"] * rows  # decoded through EOS
+    step_metrics.update(time_generate_s=t1 - t0, time_score_s=t2 - t1, time_update_s=t3 - t2,
+                        samples_per_s=rows / (t3 - t0), generate_tokens_per_s=new_tokens / (t1 - t0),
+                        update_tokens_per_s=cfg.epochs * rows * length / (t3 - t2))
     seq_kl = float(jnp.mean(jnp.sum(adv["kl"], axis=1)))
     state = state.replace(kl_beta=rl.kl_controller(cfg).update(rl.KLState(beta=state.kl_beta), seq_kl,
                                                                 len(scores)).beta)

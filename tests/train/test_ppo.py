@@ -25,7 +25,8 @@ def test_ppo_raises_a_rule_based_reward_and_beta_limits_the_kl(make_config, pret
     assert all(np.isfinite(h["policy_loss"]) and 0 <= h["clip_fraction"] <= 1 for h in low)
     # The policy's and the value model's losses are logged under their own names, neither as "loss".
     assert all("loss" not in h and h["value_loss"] >= 0 and h["response_tokens"] > 0 for h in low)
-    assert all(h["time_generate_s"] > 0 and h["time_update_s"] > 0 for h in low)
+    assert all(h["time_generate_s"] > 0 and h["time_update_s"] > 0 and h["samples_per_s"] > 0 for h in low)
+    assert all(h["generate_tokens_per_s"] > 0 and h["update_tokens_per_s"] > 0 for h in low)
     high = run(_ppo_config(make_config, pretrained, beta=2.0), tmp_path / "high").history
     assert np.mean([h["kl"] for h in high][-3:]) < np.mean(kls[-3:]), ([h["kl"] for h in high], kls)
 
