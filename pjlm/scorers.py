@@ -85,9 +85,11 @@ class RewardModel:
         tok, max_len = self.tokenizer, self.config.model.max_len
         prompt_ids = [tok.encode(p) for p in prompts]
         response_ids = [tok.encode(r, continuation=True) for r in responses]
-        T = max(1, max(len(r) for r in response_ids))
-        T = min(T, max_len - 1)
-        P = max(1, min(max(len(p) for p in prompt_ids), max_len - T))
+        longest = np.array([max(1, max(len(p) for p in prompt_ids)), max(1, max(len(r) for r in response_ids))])
+        if mesh is not None:  # one global array: every process pads to the longest rows of all
+            longest = sharding.all_rows(longest[None]).max(axis=0)
+        T = min(int(longest[1]), max_len - 1)
+        P = max(1, min(int(longest[0]), max_len - T))
         B = len(prompts)
         tokens = np.full((B, P + T), tok.pad_id if getattr(tok, "pad_id", None) is not None else 0, np.int32)
         prompt_mask, response_mask = np.zeros((B, P), np.int32), np.zeros((B, T), np.int32)
@@ -96,13 +98,14 @@ class RewardModel:
             tokens[i, P - len(p):P], prompt_mask[i, P - len(p):] = p, 1
             tokens[i, P:P + len(r)], response_mask[i, :len(r)] = r, 1
         arrays = (tokens, prompt_mask, response_mask)
-        if mesh is not None:  # rows padded (with copies of the first) to a multiple of data×fsdp, then sharded
-            sizes = sharding.mesh_sizes(mesh)
-            n = sizes.get("data", 1) * sizes.get("fsdp", 1) * jax.process_count()
-            pad = -B % n
-            arrays = tuple(sharding.shard_batch({"x": np.concatenate([a, np.repeat(a[:1], pad, axis=0)])}, mesh)["x"]
-                           for a in arrays)
-        return np.asarray(jax.device_get(self._score(*arrays)), np.float64)[:B]
+        if mesh is None:
+            return np.asarray(jax.device_get(self._score(*arrays)), np.float64)
+        # This process's rows, padded (with copies of its first) to its share of data×fsdp, then one
+        # global array; its own rows of the scores come back.
+        sizes = sharding.mesh_sizes(mesh)
+        pad = -B % max(1, sizes.get("data", 1) * sizes.get("fsdp", 1) // jax.process_count())
+        arrays = tuple(sharding.shard_batch(np.concatenate([a, np.repeat(a[:1], pad, axis=0)]), mesh) for a in arrays)
+        return sharding.local_rows(self._score(*arrays), mesh).astype(np.float64)[:B]
 
 
 def _workdir_of(directory: Path) -> Path:

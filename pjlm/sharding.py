@@ -118,6 +118,26 @@ def abstract_params(model: nn.Module, mesh: Mesh, seq_len: int = 8) -> tuple[Any
     return nn.unbox(boxed), tree_shardings(boxed, mesh)
 
 
+def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a global array sharded over data×fsdp on axis 0 (`batch_sharding`), on
+    the host: what `shard_batch` was given, for an array the step produced (all of it with one process)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, batch_sharding(mesh, x.ndim).spec))
+
+
+def all_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's rows of a host array (its `local_rows`), concatenated in process order: small
+    per-row values (scores, lengths) for metrics over the global batch."""
+    if jax.process_count() == 1:
+        return np.asarray(local)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
+
+
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """A host batch (this process's rows) → global jax.Arrays sharded over data×fsdp on axis 0."""
     def put(x):

@@ -43,6 +43,19 @@ def get_config():
     return _conftest.tiny_config(train=dict(steps={STEPS}, log_every=1, eval_every=0))
 '''
 
+# PPO from that run's checkpoint (INIT_FROM is filled in): rule-based rewards, the value model from
+# the policy, 8 prompts × 2 samples, 3 iterations.
+PPO_EXPERIMENT = EXPERIMENT.replace("def get_config():", "def _pretrain_config():") + """
+
+def get_config():
+    return _conftest.tiny_config(
+        train=dict(phase="ppo", steps=3, log_every=1, eval_every=0, checkpoint_every=3, init_from=INIT_FROM),
+        data=dict(synthetic_docs=100, batch_size=8, buckets=(16,), seq_len=64, eval_rows=0),
+        optimizer=dict(learning_rate=3e-3, warmup_steps=0),
+        ppo=dict(rewards=("regex:1.0:pattern=s", "length:0.5:target=6:scale=0.2"), max_new_tokens=8,
+                 group_size=2, kl_coef=0.05))
+"""
+
 # Variables a launcher, a cluster or this pytest process may have set that must not leak into the
 # child runs: they would change their device count or make them join (or skip) a distributed run.
 _LEAKY_PREFIXES = ("JAX_", "XLA_", "PJLM_", "SLURM_", "TPU_", "MEGASCALE_", "OMPI_", "PMI_", "LIBTPU_")
@@ -131,6 +144,35 @@ def test_two_processes_reach_the_one_process_loss(tmp_path):
         assert_close(m2["grad_norm"], m1["grad_norm"], F32_DEEP, what=f"step {m1['step']} grad_norm")
     assert ref[-1]["loss"] < ref[0]["loss"]  # it trained
     assert (two / "checkpoints" / str(STEPS)).is_dir()  # both processes wrote their checkpoint shards
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PJLM_TEST_MULTIPROCESS_PPO") != "1",
+                    reason="opt-in (PJLM_TEST_MULTIPROCESS_PPO=1): on 2 CPU cores the two-process PPO run hung "
+                           "in its last iteration in 2 of 7 tries here (cause not found; 4 of 4 hand-launched runs "
+                           "finished), and a hanging test would stop CI")
+def test_two_process_ppo_reaches_the_one_process_metrics(tmp_path):
+    """PPO from a one-process pre-training run: rollouts sampled, decoded and scored per process give
+    the same metrics as one process (the same samples: the sampler's random bits do not depend on the
+    layout)."""
+    config = tmp_path / "tiny_experiment.py"
+    config.write_text(EXPERIMENT)
+    base = tmp_path / "base"
+    _launch(config, base, [_child_env(tmp_path, 8)], tmp_path / "logs-base")
+    ppo = tmp_path / "ppo_experiment.py"
+    ppo.write_text(f"INIT_FROM = {str(base)!r}\n" + PPO_EXPERIMENT)
+    _launch(ppo, tmp_path / "ppo-one", [_child_env(tmp_path, 8)], tmp_path / "logs-ppo-one")
+    coordinator = f"127.0.0.1:{_free_port()}"
+    envs = [_child_env(tmp_path, 4, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
+                       JAX_PROCESS_ID=str(i)) for i in range(2)]
+    _launch(ppo, tmp_path / "ppo-two", envs, tmp_path / "logs-ppo-two")
+    ref, got = _metrics(tmp_path / "ppo-one"), _metrics(tmp_path / "ppo-two")
+    assert [m["step"] for m in ref] == [m["step"] for m in got] == [1, 2, 3]
+    for m1, m2 in zip(ref, got):  # rule rewards of the same texts: equal; the rest through the models (F32_DEEP)
+        assert (m2["reward_regex"], m2["reward_length"], m2["response_length"]) == \
+            (m1["reward_regex"], m1["reward_length"], m1["response_length"])
+        for key in ("reward", "kl", "policy_loss", "value_loss"):
+            assert_close(m2[key], m1[key], F32_DEEP, what=f"PPO iteration {m1['step']} {key}")
 
 
 # --- maybe_initialize_distributed: which environments start jax.distributed, and with what ---

@@ -129,13 +129,18 @@ def _from_items(s: PPOState, params: dict, train: dict) -> PPOState:
                      kl_beta=train["kl_beta"], rng=train["rng"])
 
 
-def _score(r, reward_fn, rollout: dict) -> tuple[np.ndarray, dict, dict]:
-    """Decode the responses and score them with every reward component (host side)."""
-    inp = rewards_lib.RewardInput.from_rollout(r.tokenizer, *jax.device_get(
-        (rollout["tokens"], rollout["prompt_mask"], rollout["response_mask"])))
+def _score(r, reward_fn, rollout: dict) -> tuple[jax.Array, dict, dict]:
+    """Decode this process's rows of the rollout and score them with every reward component (host
+    side); returns the global scores [B] (sharded like the rollout) and the global batch's means of
+    each component, response length and finished fraction, for the metrics."""
+    inp = rewards_lib.RewardInput.from_rollout(r.tokenizer, *(sharding.local_rows(rollout[k], r.mesh)
+                                                               for k in ("tokens", "prompt_mask", "response_mask")))
     total, parts = reward_fn(inp)
-    info = {"response_length": float(inp.lengths.mean()), "finished_fraction": float(inp.finished.mean())}
-    return np.asarray(total, np.float32), parts, info
+    means = {f"reward_{k}": float(sharding.all_rows(v).mean()) for k, v in parts.items()}
+    info = {"reward": float(sharding.all_rows(total).mean()),
+            "response_length": float(sharding.all_rows(inp.lengths.astype(np.float32)).mean()),
+            "finished_fraction": float(sharding.all_rows(inp.finished.astype(np.float32)).mean()), **means}
+    return sharding.shard_batch(np.asarray(total, np.float32), r.mesh), info
 
 
 def _updates(state: PPOState, buffer: dict, update, cfg, key, iteration: int) -> tuple[PPOState, dict]:
@@ -231,13 +236,13 @@ def _iteration(r, fns: _Compiled, state: PPOState, ref, it: int) -> tuple[PPOSta
     rollout = {"tokens": out["tokens"], "prompt_mask": prompts["prompt_mask"], "response_mask": out["response_mask"]}
     jax.block_until_ready(out)
     t1 = time.perf_counter()
-    for rm in fns.on_device:
-        fns.current[rm.name] = np.asarray(jax.device_get(rm.score_tokens(
-            rollout["tokens"], rollout["prompt_mask"], rollout["response_mask"])))
-    scores, parts, info = _score(r, fns.reward_fn, rollout)
+    for rm in fns.on_device:  # this process's rows of each on-device reward model's scores
+        fns.current[rm.name] = sharding.local_rows(rm.score_tokens(
+            rollout["tokens"], rollout["prompt_mask"], rollout["response_mask"]), r.mesh)
+    scores, info = _score(r, fns.reward_fn, rollout)
     t2 = time.perf_counter()
     stats = fns.stats_fn(state, ref, rollout)
-    adv = fns.adv_fn(stats, jnp.asarray(scores), rollout["response_mask"], state.kl_beta)
+    adv = fns.adv_fn(stats, scores, rollout["response_mask"], state.kl_beta)
     state, step_metrics = _updates(state, {**rollout, **stats, **adv}, fns.update, cfg, key, it + 1)
     t3 = time.perf_counter()
     rows, length = rollout["tokens"].shape
@@ -246,13 +251,11 @@ def _iteration(r, fns: _Compiled, state: PPOState, ref, it: int) -> tuple[PPOSta
                         samples_per_s=rows / (t3 - t0), generate_tokens_per_s=new_tokens / (t1 - t0),
                         update_tokens_per_s=cfg.epochs * rows * length / (t3 - t2))
     seq_kl = float(jnp.mean(jnp.sum(adv["kl"], axis=1)))
-    state = state.replace(kl_beta=rl.kl_controller(cfg).update(rl.KLState(beta=state.kl_beta), seq_kl,
-                                                                len(scores)).beta)
+    state = state.replace(kl_beta=rl.kl_controller(cfg).update(rl.KLState(beta=state.kl_beta), seq_kl, rows).beta)
     if cfg.advantage == "gae":
         step_metrics["value_explained_variance"] = float(rl.explained_variance(
             stats["old_values"], adv["returns"], rollout["response_mask"].astype(jnp.float32)))
-    record = {"step": it + 1, "reward": float(scores.mean()), "kl": seq_kl, "kl_beta": float(state.kl_beta),
-              **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()}, **info, **step_metrics}
+    record = {"step": it + 1, "kl": seq_kl, "kl_beta": float(state.kl_beta), **info, **step_metrics}
     return state, record
 
 
