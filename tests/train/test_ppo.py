@@ -106,3 +106,41 @@ def test_lora_ppo_trains_policy_and_value_adapters_saves_only_them_and_resumes(m
     assert_close(model.apply({"params": merged}, tokens),
                  model.apply({"params": lora.model_params(state.params, state.frozen, config(3).lora)}, tokens),
                  F32_DEEP, what="merged vs factorised logits")  # float32 through the model
+
+
+@pytest.mark.slow
+def test_rloo_advantages_leave_the_sample_out_of_its_baseline_and_see_clipped_scores(
+        make_config, pretrained, tmp_path, monkeypatch):
+    """One RLOO iteration (3 samples per prompt, β = 0, no whitening): the advantages the update step
+    receives are, on every response token, s_i − (Σ_group s − s_i)/2, where s is the config's regex
+    reward plus a Python reward clipped to [−0.5, 0.5] — recomputed here from the texts it was given."""
+    import re
+
+    import jax
+
+    from pjlm import rewards
+    from pjlm.train import ppo
+
+    seen, buffers = {}, []
+
+    def spread(prompts, responses):
+        seen["responses"] = list(responses)
+        return [len(r) / 4 - 2 for r in responses]
+
+    original = ppo._updates
+    monkeypatch.setattr(ppo, "_updates", lambda state, buffer, *a: (buffers.append(jax.device_get(
+        {k: buffer[k] for k in ("advantages", "response_mask")})), original(state, buffer, *a))[1])
+    import dataclasses
+
+    c = _ppo_config(make_config, pretrained, beta=0.0, steps=1, advantage="rloo", whiten_advantages=False)
+    c = dataclasses.replace(c, ppo=dataclasses.replace(c.ppo, group_size=3))  # 8 prompts × 3 = 24 rows
+    run(c, tmp_path / "rloo", rewards=[(rewards.ClippedReward(rewards.PythonReward(spread), 0.5), 1.0)])
+
+    raw = np.array([len(r) / 4 - 2 for r in seen["responses"]])
+    assert raw.min() < -0.5 or raw.max() > 0.5, "the clip is exercised"
+    s = np.clip(raw, -0.5, 0.5) + np.array([1.0 if re.search("s", r) else 0.0 for r in seen["responses"]])
+    groups = s.reshape(-1, 3)
+    assert np.ptp(groups, axis=1).max() > 0.1, "scores differ within a group, so the baseline's choice shows"
+    want = (groups - (groups.sum(axis=1, keepdims=True) - groups) / 2).reshape(-1)
+    adv, mask = buffers[0]["advantages"], buffers[0]["response_mask"]
+    np.testing.assert_allclose(adv, want[:, None] * mask, rtol=1e-6, atol=1e-6)  # float32 sums of a few terms
