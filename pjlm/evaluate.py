@@ -22,7 +22,6 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from pjlm import checkpoint as ckpt_lib
 from pjlm import lora, scorers, sharding
@@ -106,17 +105,6 @@ def base_checkpoint(meta: dict) -> Optional[str]:
     return (meta.get("pinned") or {}).get("train.init_from") or meta["config"]["train"]["init_from"]
 
 
-def _saved_params(model: Transformer, config: Config, mesh: Any, lora_strict: bool = True) -> Any:
-    """The restore target of what a run of `config` saves for `model`: all its parameters, or under
-    LoRA the adapters and any new head."""
-    if config.lora is None:
-        return ckpt_lib.abstract_like(*sharding.abstract_params(model, mesh))
-    from pjlm.train.loop import abstract_state
-
-    abstract, shardings = abstract_state(model, optax.identity(), mesh, config.lora, lora_strict=lora_strict)
-    return ckpt_lib.abstract_like(abstract.params, shardings.params)
-
-
 def load_policy(checkpoint: str | Path, mesh: Optional[Any] = None) -> tuple[Transformer, Any, Config]:
     """The language model, its parameters and its run's config from a checkpoint of any phase that
     trains a policy (pretrain, sft, dpo: the params item; ppo: its `policy` entry). Under LoRA the
@@ -128,9 +116,9 @@ def load_policy(checkpoint: str | Path, mesh: Optional[Any] = None) -> tuple[Tra
     config = from_dict(Config, meta["config"])
     mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
     model = Transformer(config.model)
-    policy = _saved_params(model, config, mesh)
+    policy = scorers.abstract_saved(model, config, mesh)
     if config.train.phase == "ppo":
-        value = _saved_params(Transformer(config.model, head="scalar"), config, mesh, lora_strict=False)
+        value = scorers.abstract_saved(Transformer(config.model, head="scalar"), config, mesh, strict=False)
         params = _restore(directory / str(step), {"policy": policy, "value": value})["policy"]
     else:
         params = _restore(directory / str(step), policy)

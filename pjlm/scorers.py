@@ -120,9 +120,10 @@ def _saved_tokenizer(workdir: Path):
     return load_tokenizer(workdir) if saved_tokenizer(workdir) else None
 
 
-def _abstract_saved(model: Transformer, config: Config, mesh) -> Any:
+def abstract_saved(model: Transformer, config: Config, mesh, *, strict: bool = True) -> Any:
     """What a run of `config` saved for `model`: all its parameters, or under LoRA the adapters and any
-    new head, as a restore target on `mesh`."""
+    new head, as a restore target on `mesh` (`strict` as in `lora.targeted_paths`: False for a PPO
+    value model)."""
     abstract, shardings = sharding.abstract_params(model, mesh)
     if config.lora is None:
         return ckpt_lib.abstract_like(abstract, shardings)
@@ -130,7 +131,7 @@ def _abstract_saved(model: Transformer, config: Config, mesh) -> Any:
     def boxed_adapters():
         boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
         frozen = {k: v for k, v in boxed.items() if k not in NEW_HEADS}
-        return {"lora": lora.init(jax.random.key(0), frozen, config.lora),
+        return {"lora": lora.init(jax.random.key(0), frozen, config.lora, strict=strict),
                 **{k: v for k, v in boxed.items() if k in NEW_HEADS}}
 
     with sharding.use_mesh(mesh):
@@ -144,7 +145,7 @@ def load_params(checkpoint: str | Path, model: Transformer, config: Config, mesh
     folder read."""
     directory, step = ckpt_lib.resolve_checkpoint(checkpoint)
     meta = ckpt_lib.read_meta(directory, step)
-    saved, _ = ckpt_lib.load_params(directory / str(step), _abstract_saved(model, config, mesh))
+    saved, _ = ckpt_lib.load_params(directory / str(step), abstract_saved(model, config, mesh))
     if config.lora is None:
         return saved, str(directory / str(step))
     base_path = (meta.get("pinned") or {}).get("train.init_from") or config.train.init_from
