@@ -118,7 +118,7 @@ def test_recipes_fill_in_the_model_and_refuse_what_they_cannot_resolve(hf_dir, t
     dpo = recipes.build("dpo", model=str(hf_dir), dataset="x.jsonl", lora_rank=8)
     assert dpo.lora.rank == 8 and dpo.lora.alpha == 16.0
     assert dpo.optimizer.learning_rate == recipes.RECIPES["dpo"].lora_learning_rate
-    with pytest.raises(ConfigError, match="ppo.rewards has a 'model' component but ppo.reward_model is not set"):
+    with pytest.raises(ConfigError, match="ppo.rewards has a 'model' component without path= and ppo.reward_model is not set"):
         recipes.build("ppo", model=str(hf_dir), dataset="x.jsonl")
     with pytest.raises(ConfigError, match="neither a Hugging Face model directory"):
         recipes.build("sft", model=str(tmp_path), dataset="x.jsonl")
