@@ -201,6 +201,10 @@ class _Compiled:
     merged: Any
     stats_fn: Any
     adv_fn: Any
+    summary_fn: Any
+    """The rollout's sequence KL and the critic's explained variance, as one program: reductions over a
+    batch that spans processes run as collectives, and two independent eager ones in flight at once
+    can meet in a different order on each process and wait for each other forever."""
     update: Any
 
 
@@ -218,7 +222,15 @@ def _compile(r, tx_policy, tx_value, value_model, extra=()) -> _Compiled:
         merged=jax.jit(lambda p, f: lora.merged_params(p, f, lora_cfg)),
         stats_fn=jax.jit(functools.partial(rollout_statistics, policy_model=r.model, value_model=value_model,
                                            cfg=cfg, lora_cfg=lora_cfg)),
-        adv_fn=jax.jit(functools.partial(advantages, cfg=cfg)), update=update)
+        adv_fn=jax.jit(functools.partial(advantages, cfg=cfg)), summary_fn=jax.jit(_summary), update=update)
+
+
+def _summary(stats: dict, adv: dict, response_mask: jax.Array) -> dict:
+    out = {"kl": jnp.mean(jnp.sum(adv["kl"], axis=1))}
+    if "old_values" in stats:  # a critic (GAE)
+        out["value_explained_variance"] = rl.explained_variance(stats["old_values"], adv["returns"],
+                                                                response_mask.astype(jnp.float32))
+    return out
 
 
 def _iteration(r, fns: _Compiled, state: PPOState, ref, it: int) -> tuple[PPOState, dict]:
@@ -249,11 +261,11 @@ def _iteration(r, fns: _Compiled, state: PPOState, ref, it: int) -> tuple[PPOSta
     step_metrics.update(time_generate_s=t1 - t0, time_score_s=t2 - t1, time_update_s=t3 - t2,
                         samples_per_s=rows / (t3 - t0), generate_tokens_per_s=new_tokens / (t1 - t0),
                         update_tokens_per_s=cfg.epochs * rows * length / (t3 - t2))
-    seq_kl = float(jnp.mean(jnp.sum(adv["kl"], axis=1)))
+    summary = jax.device_get(fns.summary_fn(stats, adv, rollout["response_mask"]))
+    seq_kl = float(summary["kl"])
     state = state.replace(kl_beta=rl.kl_controller(cfg).update(rl.KLState(beta=state.kl_beta), seq_kl, rows).beta)
     if cfg.advantage == "gae":
-        step_metrics["value_explained_variance"] = float(rl.explained_variance(
-            stats["old_values"], adv["returns"], rollout["response_mask"].astype(jnp.float32)))
+        step_metrics["value_explained_variance"] = float(summary["value_explained_variance"])
     record = {"step": it + 1, "kl": seq_kl, "kl_beta": float(state.kl_beta), **info, **step_metrics}
     return state, record
 
