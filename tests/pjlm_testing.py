@@ -168,6 +168,19 @@ def hf_chat_tokenizer_dir(directory, texts, chat_template: str, *, vocab_size: i
     return hf
 
 
+def _saved_metadata(step_dir, item: str):
+    """The tree of an item's saved array metadata (shape, dtype) in a checkpoint step folder."""
+    import orbax.checkpoint as ocp
+
+    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, item))
+    meta = getattr(meta, "item_metadata", meta)  # orbax ≥ 0.11: StepMetadata → TreeMetadata → its tree
+    return getattr(meta, "tree", meta)
+
+
+def _is_array_meta(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
 def saved_leaf_bytes(step_dir, item: str = "params") -> dict:
     """{'/'-joined path: bytes} of the arrays a checkpoint's item holds, from its metadata (shape and
     dtype of each saved leaf; a folder's size would be mostly Orbax's own files at this scale)."""
@@ -175,10 +188,18 @@ def saved_leaf_bytes(step_dir, item: str = "params") -> dict:
 
     import jax
     import numpy as np
+
+    leaves = jax.tree_util.tree_leaves_with_path(_saved_metadata(step_dir, item), is_leaf=_is_array_meta)
+    return {"/".join(str(k.key) for k in path): math.prod(m.shape) * np.dtype(m.dtype).itemsize for path, m in leaves}
+
+
+def saved_arrays(step_dir, item: str = "params"):
+    """A checkpoint item's arrays as host numpy, whatever mesh or process count wrote them: for
+    comparing what two runs saved."""
+    import jax
+    import numpy as np
     import orbax.checkpoint as ocp
 
-    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, item))
-    meta = getattr(meta, "item_metadata", meta)  # orbax ≥ 0.11: StepMetadata → TreeMetadata → its tree
-    meta = getattr(meta, "tree", meta)
-    leaves = jax.tree_util.tree_leaves_with_path(meta, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-    return {"/".join(str(k.key) for k in path): math.prod(m.shape) * np.dtype(m.dtype).itemsize for path, m in leaves}
+    args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                  _saved_metadata(step_dir, item), is_leaf=_is_array_meta)
+    return ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, item), restore_args=args)

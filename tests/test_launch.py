@@ -12,16 +12,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import pytest
 
-from pjlm_testing import F32_DEEP, assert_close
+from pjlm_testing import F32_DEEP, assert_close, clear_preferences, saved_arrays
+from pjlm import checkpoint as ckpt_lib
 from pjlm import sharding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,18 +46,13 @@ def get_config():
     return _conftest.tiny_config(train=dict(steps={STEPS}, log_every=1, eval_every=0))
 '''
 
-# PPO from that run's checkpoint (INIT_FROM is filled in): rule-based rewards, the value model from
-# the policy, 8 prompts × 2 samples, 3 iterations.
-PPO_EXPERIMENT = EXPERIMENT.replace("def get_config():", "def _pretrain_config():") + """
 
-def get_config():
-    return _conftest.tiny_config(
-        train=dict(phase="ppo", steps=3, log_every=1, eval_every=0, checkpoint_every=3, init_from=INIT_FROM),
-        data=dict(synthetic_docs=100, batch_size=8, buckets=(16,), seq_len=64, eval_rows=0),
-        optimizer=dict(learning_rate=3e-3, warmup_steps=0),
-        ppo=dict(rewards=("regex:1.0:pattern=s", "length:0.5:target=6:scale=0.2"), max_new_tokens=8,
-                 group_size=2, kl_coef=0.05))
-"""
+
+def _phase_experiment(**sections) -> str:
+    """An experiment file whose config is `tiny_config(**sections)` (plain literals only)."""
+    return EXPERIMENT.replace("def get_config():", "def _pretrain_config():") + \
+        f"\n\ndef get_config():\n    return _conftest.tiny_config(**{sections!r})\n"
+
 
 # Variables a launcher, a cluster or this pytest process may have set that must not leak into the
 # child runs: they would change their device count or make them join (or skip) a distributed run.
@@ -66,7 +64,7 @@ def _child_env(tmp_path: Path, devices: int, **extra: str) -> dict[str, str]:
            if not k.startswith(_LEAKY_PREFIXES) and not k.lower().endswith("_proxy")}  # gRPC honours proxies
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                HF_HOME=str(tmp_path / "hf-home"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-               PYTHONUNBUFFERED="1", **extra)
+               PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", **extra)
     return env
 
 
@@ -76,7 +74,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tail(path: Path, n: int = 40) -> str:
+def _tail(path: Path, n: int = 80) -> str:
     lines = path.read_text(errors="replace").splitlines() if path.exists() else ["<no output>"]
     return "\n".join(lines[-n:])
 
@@ -99,6 +97,11 @@ def _launch(config: Path, workdir: Path, envs: list[dict[str, str]], logs: Path)
             failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
             timed_out = time.monotonic() - start > RUN_TIMEOUT_S
             if failed or timed_out:
+                if timed_out:  # PYTHONFAULTHANDLER: SIGABRT writes every thread's Python stack to the log
+                    for p, _ in procs:
+                        if p.poll() is None:
+                            p.send_signal(signal.SIGABRT)
+                    time.sleep(3)
                 what = f"process(es) {failed} exited with {[codes[i] for i in failed]}" if failed else \
                     f"timed out after {RUN_TIMEOUT_S} s"
                 pytest.fail(f"{len(procs)}-process run {what}\n" + "\n".join(
@@ -118,61 +121,130 @@ def _metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.slow
-def test_two_processes_reach_the_one_process_loss(tmp_path):
-    config = tmp_path / "tiny_experiment.py"
-    config.write_text(EXPERIMENT)
-    one, two = tmp_path / "one-process", tmp_path / "two-processes"
-
-    t_one = _launch(config, one, [_child_env(tmp_path, 8)], tmp_path / "logs-one")
-    # No tokenizer is in place: both processes train the same one, and only process 0 writes it.
+def _two_process_envs(tmp_path: Path) -> list[dict[str, str]]:
     coordinator = f"127.0.0.1:{_free_port()}"
-    envs = [_child_env(tmp_path, 4, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
+    return [_child_env(tmp_path, 4, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
                        JAX_PROCESS_ID=str(i)) for i in range(2)]
-    t_two = _launch(config, two, envs, tmp_path / "logs-two")
 
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The setup every multi-process test shares: the tiny experiment, its one-process pre-training run
+    (the reference of the two-process run and the `init_from` of every later phase) and a preference
+    file for DPO and the reward model."""
+    tmp = tmp_path_factory.mktemp("launch")
+    config = tmp / "tiny_experiment.py"
+    config.write_text(EXPERIMENT)
+    wall = _launch(config, tmp / "one-process", [_child_env(tmp, 8)], tmp / "logs-one")
+    return SimpleNamespace(tmp=tmp, config=config, base=tmp / "one-process", wall=wall,
+                           prefs=clear_preferences(tmp / "prefs.jsonl", n=64))
+
+
+def _one_and_two(launched, name: str, two_process_variants: dict[str, dict], **sections):
+    """Run the phase `tiny_config(**sections)` once as one process and, for each variant (overrides of
+    `sections`, e.g. the reference cache on or off), as two: returns {"one": dir, variant: dir}."""
+    tmp = launched.tmp
+    config = tmp / f"{name}_experiment.py"
+    config.write_text(_phase_experiment(**sections))
+    dirs = {"one": tmp / f"{name}-one"}
+    _launch(config, dirs["one"], [_child_env(tmp, 8)], tmp / f"logs-{name}-one")
+    for variant, overrides in two_process_variants.items():
+        merged = {k: {**sections.get(k, {}), **overrides.get(k, {})} for k in {*sections, *overrides}}
+        config = tmp / f"{name}_{variant}_experiment.py"
+        config.write_text(_phase_experiment(**merged))
+        dirs[variant] = tmp / f"{name}-{variant}"
+        _launch(config, dirs[variant], _two_process_envs(tmp), tmp / f"logs-{name}-{variant}")
+    return dirs
+
+
+def _assert_same_run(one: Path, two: Path, keys: tuple[str, ...], steps: int, what: str,
+                     unchecked: tuple[str, ...] = ()) -> None:
+    """Process 0 of the two-process run logged every step once, with the one-process run's values of
+    `keys` (F32_DEEP: a batch's values through the model, reduced across processes in another order),
+    and both processes' checkpoint shards hold the one-process run's final parameters."""
     ref, got = _metrics(one), _metrics(two)
-    # One writer (process 0), one line per step: two independent runs would both write here.
-    assert [m["step"] for m in ref] == [m["step"] for m in got] == list(range(1, STEPS + 1))
+    assert [m["step"] for m in ref] == [m["step"] for m in got]  # the same lines (training and held-out)
+    assert [m["step"] for m in ref if not any(k.startswith("eval_") for k in m)] == list(range(1, steps + 1))
+    for m1, m2 in zip(ref, got):
+        for key in (k for k in keys if k in m1):
+            assert_close(m2[key], m1[key], F32_DEEP, what=f"{what} step {m1['step']} {key}")
+    want, have = (saved_arrays(d / "checkpoints" / str(steps)) for d in (one, two))
+    for path in unchecked:  # parameters the loss does not determine (see the caller)
+        for tree in (want, have):
+            *parents, leaf = path.split("/")
+            for key in parents:
+                tree = tree[key]
+            del tree[leaf]
+    # The parameters after `steps` Adam updates: F32_DEEP relative to each leaf's largest value (Adam
+    # divides by √v, so a gradient's last bits can move an update by a few ulps of the learning rate).
+    assert_close(have, want, F32_DEEP, what=f"{what}: final parameters")
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_one_process_loss(launched):
+    two = launched.tmp / "two-processes"
+    # No tokenizer is in place: both processes train the same one, and only process 0 writes it.
+    t_two = _launch(launched.config, two, _two_process_envs(launched.tmp), launched.tmp / "logs-two")
+    one = launched.base
+    ref, got = _metrics(one), _metrics(two)
     for m in ref + got:  # both runs saw 8 global devices (the throughput is also given per device)
         assert round(m["tokens_per_s"] / m["tokens_per_s_per_device"]) == 8
     assert [m["tokens"] for m in got] == [m["tokens"] for m in ref]  # the same global batches
-    losses = [(m1["loss"], m2["loss"]) for m1, m2 in zip(ref, got)]
-    print(f"\none process: {t_one:.1f} s, two processes: {t_two:.1f} s; losses (1 process, 2 processes): {losses}")
-    for m1, m2 in zip(ref, got):  # a batch's loss and gradients through the model, reduced across processes
-        assert_close(m2["loss"], m1["loss"], F32_DEEP, what=f"step {m1['step']} loss")
-        assert_close(m2["grad_norm"], m1["grad_norm"], F32_DEEP, what=f"step {m1['step']} grad_norm")
+    print(f"\none process: {launched.wall:.1f} s, two processes: {t_two:.1f} s; losses (1 process, 2 processes): "
+          f"{[(m1['loss'], m2['loss']) for m1, m2 in zip(ref, got)]}")
+    _assert_same_run(one, two, ("loss", "grad_norm"), STEPS, "pre-training")
     assert ref[-1]["loss"] < ref[0]["loss"]  # it trained
-    assert (two / "checkpoints" / str(STEPS)).is_dir()  # both processes wrote their checkpoint shards
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("PJLM_TEST_MULTIPROCESS_PPO") != "1",
-                    reason="opt-in (PJLM_TEST_MULTIPROCESS_PPO=1): on 2 CPU cores the two-process PPO run hung "
-                           "in its last iteration in 2 of 7 tries here (cause not found; 4 of 4 hand-launched runs "
-                           "finished), and a hanging test would stop CI")
-def test_two_process_ppo_reaches_the_one_process_metrics(tmp_path):
-    """PPO from a one-process pre-training run: rollouts sampled, decoded and scored per process give
-    the same metrics as one process (the same samples: the sampler's random bits do not depend on the
-    layout)."""
-    config = tmp_path / "tiny_experiment.py"
-    config.write_text(EXPERIMENT)
-    base = tmp_path / "base"
-    _launch(config, base, [_child_env(tmp_path, 8)], tmp_path / "logs-base")
-    ppo = tmp_path / "ppo_experiment.py"
-    ppo.write_text(f"INIT_FROM = {str(base)!r}\n" + PPO_EXPERIMENT)
-    _launch(ppo, tmp_path / "ppo-one", [_child_env(tmp_path, 8)], tmp_path / "logs-ppo-one")
-    coordinator = f"127.0.0.1:{_free_port()}"
-    envs = [_child_env(tmp_path, 4, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
-                       JAX_PROCESS_ID=str(i)) for i in range(2)]
-    _launch(ppo, tmp_path / "ppo-two", envs, tmp_path / "logs-ppo-two")
-    ref, got = _metrics(tmp_path / "ppo-one"), _metrics(tmp_path / "ppo-two")
-    assert [m["step"] for m in ref] == [m["step"] for m in got] == [1, 2, 3]
-    for m1, m2 in zip(ref, got):  # rule rewards of the same texts: equal; the rest through the models (F32_DEEP)
+def test_two_process_dpo_with_and_without_the_reference_cache(launched):
+    """DPO's reference log-probs computed inside the step, or once up front and gathered from both
+    processes into the cache file: either way, the one-process run's losses and parameters."""
+    dirs = _one_and_two(
+        launched, "dpo", {"two": {}, "two-cached": {"preference": {"precompute_ref": True}}},
+        train=dict(phase="dpo", steps=3, log_every=1, eval_every=0, checkpoint_every=3, init_from=str(launched.base)),
+        data=dict(source=launched.prefs, pack=False, buckets=(32,), seq_len=32, eval_rows=0),
+        optimizer=dict(learning_rate=1e-3, warmup_steps=0), preference=dict(beta=0.5))
+    for variant in ("two", "two-cached"):
+        _assert_same_run(dirs["one"], dirs[variant], ("loss", "grad_norm", "reward_chosen", "reward_rejected"), 3,
+                         f"DPO ({variant})")
+    assert (dirs["two-cached"] / "ref_logps_train.npz").exists()
+
+
+@pytest.mark.slow
+def test_two_process_reward_model(launched):
+    dirs = _one_and_two(
+        launched, "reward", {"two": {}},
+        train=dict(phase="reward", steps=3, log_every=1, eval_every=3, eval_batches=2, checkpoint_every=3,
+                   init_from=str(launched.base)),
+        data=dict(source=launched.prefs, pack=False, buckets=(32,), seq_len=32, eval_rows=16),
+        optimizer=dict(learning_rate=2e-3, warmup_steps=0))
+    # The Bradley–Terry loss sees only score differences: the score head's bias gets a gradient that is
+    # rounding noise, which Adam scales to a step of up to ±lr, so every score (and the scores' mean)
+    # may move by that constant. What the loss does see is compared: the margin, the scores' spread on
+    # held-out pairs (sums over both processes' rows, finalised once) and every other parameter.
+    _assert_same_run(dirs["one"], dirs["two"], ("loss", "grad_norm", "margin", "eval_reward_std"), 3,
+                     "reward model", unchecked=("score_head/bias",))
+    stats = [ckpt_lib.read_meta(d / "checkpoints", 3)["reward_stats"] for d in (dirs["one"], dirs["two"])]
+    assert_close(stats[1]["std"], stats[0]["std"], F32_DEEP, what="saved reward std")
+
+
+@pytest.mark.slow
+def test_two_process_ppo_reaches_the_one_process_metrics(launched):
+    """PPO from the pre-training run: rollouts sampled, decoded and scored per process give the same
+    metrics as one process (the same samples: the sampler's random bits do not depend on the layout)."""
+    dirs = _one_and_two(
+        launched, "ppo", {"two": {}},
+        train=dict(phase="ppo", steps=3, log_every=1, eval_every=0, checkpoint_every=3, init_from=str(launched.base)),
+        data=dict(synthetic_docs=100, batch_size=8, buckets=(16,), seq_len=64, eval_rows=0),
+        optimizer=dict(learning_rate=3e-3, warmup_steps=0),
+        ppo=dict(rewards=("regex:1.0:pattern=s", "length:0.5:target=6:scale=0.2"), max_new_tokens=8,
+                 group_size=2, kl_coef=0.05))
+    ref, got = _metrics(dirs["one"]), _metrics(dirs["two"])
+    for m1, m2 in zip(ref, got):  # rule rewards of the same decoded texts: equal
         assert (m2["reward_regex"], m2["reward_length"], m2["response_length"]) == \
             (m1["reward_regex"], m1["reward_length"], m1["response_length"])
-        for key in ("reward", "kl", "policy_loss", "value_loss"):
-            assert_close(m2[key], m1[key], F32_DEEP, what=f"PPO iteration {m1['step']} {key}")
+    _assert_same_run(dirs["one"], dirs["two"], ("reward", "kl", "policy_loss", "value_loss", "entropy"), 3, "PPO")
 
 
 # --- maybe_initialize_distributed: which environments start jax.distributed, and with what ---
