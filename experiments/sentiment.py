@@ -306,6 +306,22 @@ def train_phase(config: Config, workdir: Path) -> None:
         train.run(config, workdir)
 
 
+def train_sft(root: Path, scale_name: str, corpus: str = "synthetic", text_field: str = "text",
+              split: str = "train") -> Timings:
+    """The phases every study of a work directory shares: the data, pre-training and SFT (skipped when
+    finished; a work directory made at another scale or corpus is refused). Returns the timings."""
+    scale = SCALES[scale_name]
+    root.mkdir(parents=True, exist_ok=True)
+    check_same_scale(root / "scale.json", {**dataclasses.asdict(scale), "corpus": corpus, "text_field": text_field,
+                                           "split": split}, scale_name)
+    timings = Timings(root / "timings.json")
+    timings.run("data", prepare_data, root, scale, corpus, text_field, split)
+    configs = phase_configs(root, scale)
+    timings.run("pretrain", train_phase, configs["pretrain"], root / "pretrain")
+    timings.run("sft", train_phase, configs["sft"], root / "sft")
+    return timings
+
+
 def run_pipeline(root: Path, scale_name: str = "cpu", corpus: str = "synthetic", text_field: str = "text",
                  split: str = "train") -> dict:
     """Every phase (skipping finished ones), the evaluations, and the written results."""
@@ -315,15 +331,9 @@ def run_pipeline(root: Path, scale_name: str = "cpu", corpus: str = "synthetic",
     command = f"python -m experiments.sentiment --workdir {root} --scale {scale_name}" + (
         f" --corpus {corpus} --text-field {text_field} --split {split}" if corpus != "synthetic" else "")
     root = Path(root).absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    check_same_scale(root / "scale.json", {**dataclasses.asdict(scale), "corpus": corpus, "text_field": text_field,
-                                           "split": split}, scale_name)
-    timings = Timings(root / "timings.json")
-    vader = rewards.VaderReward()
-    timings.run("data", prepare_data, root, scale, corpus, text_field, split)
+    timings = train_sft(root, scale_name, corpus, text_field, split)
     configs = phase_configs(root, scale)
-    timings.run("pretrain", train_phase, configs["pretrain"], root / "pretrain")
-    timings.run("sft", train_phase, configs["sft"], root / "sft")
+    vader = rewards.VaderReward()
     timings.run("pairs", make_pairs, root, scale, vader)
     timings.run("reward", train_phase, configs["reward"], root / "reward")
     runs = method_runs(root, scale)
