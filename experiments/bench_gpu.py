@@ -79,16 +79,21 @@ class Sizes:
     anchor_flags: tuple[str, ...]
     plan_model: tuple[str, ...]
     """`--set` overrides of the planned model (the plan job plans the dpo_lora job's step)."""
+    ppo: tuple
+    """experiments.bench_ppo's arguments besides the model and dtypes: prompts, group, lengths, reward layers."""
 
 
 GPU = Sizes(model="tinyllama-1.1b", dtype="bfloat16", attention="cudnn", lm_batch=8, lm_len=2048, logprob_chunk=8192,
             lm_steps=5, dpo_pairs=8, dpo_len=512, dpo_prompt=128, dpo_steps=10, lora_rank=16, gen_batch=64,
-            gen_prompt=128, gen_new=256, gen_repeats=3, anchor_flags=(), plan_model=())
+            gen_prompt=128, gen_new=256, gen_repeats=3, anchor_flags=(), plan_model=(),
+            ppo=("--prompts", 32, "--group", 2, "--prompt-len", 128, "--new-tokens", 128, "--reward-layers", 4))
 TINY = Sizes(model="small", dtype="float32", attention="einsum", lm_batch=8, lm_len=32, logprob_chunk=128,
              lm_steps=2, dpo_pairs=8, dpo_len=32, dpo_prompt=8, dpo_steps=2, lora_rank=4, gen_batch=8,
              gen_prompt=8, gen_new=8, gen_repeats=1, anchor_flags=("--tiny",),
              plan_model=("model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
-                         "model.mlp_dim=384", "model.vocab_size=2048"))  # the small preset
+                         "model.mlp_dim=384", "model.vocab_size=2048"),  # the small preset
+             ppo=("--prompts", 8, "--group", 2, "--prompt-len", 8, "--new-tokens", 8, "--reward-layers", 2,
+                  "--iterations", 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +139,8 @@ def job_list(s: Sizes, build: str) -> list[Job]:
         Job("anchors_torch", (anchors, "--only", "train,generate,dpo,dpo_lora", *s.anchor_flags), 180,
             files=(anchors,), modules=("torch", "transformers", "trl", "datasets", "peft")),
         Job("pretrain_f32", (*lm, *f32), 120, modules=PJLM_TRAIN),                       # issue 4, f32 state
+        Job("ppo", ("-m", "experiments.bench_ppo", "--model", s.model, "--dtype", s.dtype, "--attention", s.attention,
+                    *bf16, *s.ppo), 120, modules=PJLM_TRAIN),                           # issue 16
     ]
 
 

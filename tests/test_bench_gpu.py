@@ -49,6 +49,11 @@ def test_tiny_run_records_every_job_and_survives_a_failing_and_a_hanging_one(tmp
         assert jobs[name]["result"]["pairs_per_s"] > 0 and jobs[name]["result"]["phase"] == "dpo"
     assert jobs["dpo_lora"]["result"]["lora_rank"] == bench_gpu.TINY.lora_rank
     assert jobs["pretrain_bf16"]["result"]["param_dtype"] == "bfloat16"
+    ppo = jobs["ppo"]["result"]  # a PPO iteration: a smaller reward model beside the policy
+    assert jobs["ppo"]["status"] == "ok", jobs["ppo"]
+    assert ppo["iterations_per_s"] > 0 and ppo["rows"] == 16 and ppo["new_tokens"] == bench_gpu.TINY.ppo[7]
+    assert 0 < ppo["reward_params_m"] < ppo["policy_params_m"] and ppo["peak_memory_gib"] > 0
+    assert ppo["time_generate_s"] > 0 and ppo["time_score_s"] > 0 and ppo["time_update_s"] > 0
 
     skipped = {name: job for name, job in jobs.items() if job["status"] == "skipped"}
     assert set(skipped) == {"pretrain_f32", "anchors_jax", "anchors_torch"}
