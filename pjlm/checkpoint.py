@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 
 from pjlm.errors import CheckpointError, ConfigError  # CheckpointError re-exported: pjlm.checkpoint
+from pjlm.fileio import local_path
 
 
 
@@ -215,8 +216,9 @@ def checkpoint_steps(directory: str | Path) -> list[int]:
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
-    """A work directory (→ its latest checkpoint), a checkpoints directory, or a step directory."""
-    path = Path(path).absolute()
+    """A work directory (→ its latest checkpoint), a checkpoints directory, or a step directory; each
+    a local path or a file:// URL."""
+    path = local_path(path, "checkpoint").absolute()
     for directory in (path / "checkpoints", path):
         steps = checkpoint_steps(directory)
         if steps:

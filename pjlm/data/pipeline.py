@@ -15,6 +15,7 @@ from pjlm.data import batching, formats, sources, synthetic
 from pjlm.data.loader import Batcher
 from pjlm.data.tokenizer import ChatTemplate, SentencePieceTokenizer, Tokenizer, load_tokenizer
 from pjlm.errors import CheckpointError, ConfigError, DataError
+from pjlm.fileio import local_path
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")
@@ -128,15 +129,15 @@ def get_tokenizer(cfg: DataConfig, workdir: Path, rows: datasets.Dataset, schema
     special tokens), so a resumed run, `pjlm sample` and later phases find the same one."""
     saved = load_tokenizer(workdir) if saved_tokenizer(workdir) else None
     if cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        tokenizer = load_tokenizer(local_path(cfg.tokenizer, "data.tokenizer"))
         if saved is not None and saved.fingerprint() != tokenizer.fingerprint():
             raise CheckpointError(f"data.tokenizer={cfg.tokenizer} is not the tokenizer saved in {workdir} "
                                   f"({saved_tokenizer(workdir).name}, which this run was started with); a run's "
                                   "tokenizer is never replaced: drop data.tokenizer to resume, or use a new --workdir")
     elif saved is not None:
         return saved
-    elif init_from and saved_tokenizer(Path(init_from)):
-        tokenizer = load_tokenizer(Path(init_from))  # its tokenizer.model, else its tokenizer.json
+    elif init_from and saved_tokenizer(local_path(init_from, "train.init_from")):
+        tokenizer = load_tokenizer(local_path(init_from, "train.init_from"))  # its tokenizer.model, else its tokenizer.json
     else:
         tokenizer = _train_tokenizer(rows, schema, cfg.tokenizer_vocab_size)
     # Every process trains the same tokenizer (deterministic: same rows, one thread), so none has to

@@ -28,6 +28,7 @@ import datasets
 
 from pjlm.data import formats
 from pjlm.errors import DataError  # re-exported: pjlm.data.sources.DataError
+from pjlm.fileio import local_path, url_scheme
 
 Schema = Literal["text", "sft", "preference", "prompts"]
 SCHEMAS = formats.KINDS
@@ -59,7 +60,7 @@ def read_source(source: str | os.PathLike | Sequence[str], *, split: str = "trai
     if text_unit not in TEXT_UNITS:
         raise DataError(f"data.text_unit={text_unit!r}; choose {', '.join(TEXT_UNITS)}")
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-    paths = [Path(p) for p in items if str(p).strip()]
+    paths = [local_path(p, "data.source") if url_scheme(p) == "file" else Path(p) for p in items if str(p).strip()]
     if not paths:
         raise DataError("data.source is empty; name local data files (comma-separated) or a Hub dataset")
     if all(p.exists() for p in paths):

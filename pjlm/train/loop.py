@@ -35,7 +35,7 @@ from pjlm.train.state import TrainState, make_optimizer
 
 
 from pjlm.errors import NonFiniteError, Preempted  # noqa: E402  (re-exported)
-from pjlm.fileio import write_atomic  # noqa: E402
+from pjlm.fileio import local_path, write_atomic  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -325,7 +325,7 @@ def open_run(config: Config, workdir: str | Path, *, allow_config_change: bool =
     """`with open_run(config, workdir) as (run, checkpointer):` — the work directory leased to this
     run, its record (`run.json`) created or checked against `config`, the run set up with the pinned
     checkpoints, `config.json` and `data_stats.json` written. Every phase's loop starts here."""
-    workdir = Path(workdir).absolute()
+    workdir = local_path(workdir, "workdir").absolute()
     sharding.maybe_initialize_distributed()
     config.validate()
     is_main = jax.process_index() == 0

@@ -33,7 +33,7 @@ from typing import Any, Optional
 from pjlm import checkpoint as ckpt_lib
 from pjlm.config_rules import RESUME, field_values
 from pjlm.errors import CheckpointError, ConfigError, WorkdirBusyError
-from pjlm.fileio import write_atomic
+from pjlm.fileio import local_path, write_atomic
 
 LEASE_FILE = "lease.json"
 RUN_FILE = "run.json"
@@ -247,11 +247,9 @@ def _plain(value: Any) -> Any:
 
 def _definition(config) -> dict:
     values = _plain(field_values(config))
-    for key in ("train.init_from", "ppo.reward_model"):  # paths compare by what they name, not how
+    for key in ("train.init_from", "ppo.reward_model", "data.tokenizer"):  # paths compare by what they name
         if values.get(key):
-            values[key] = str(Path(values[key]).absolute())
-    if values.get("data.tokenizer"):
-        values["data.tokenizer"] = str(Path(values["data.tokenizer"]).absolute())
+            values[key] = str(local_path(values[key], key).absolute())
     return values
 
 
