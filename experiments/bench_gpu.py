@@ -206,7 +206,7 @@ def _kill(proc: subprocess.Popen) -> None:
             proc.wait(wait_s)
             return
         except subprocess.TimeoutExpired:
-            pass
+            continue  # still running: the next, stronger signal
 
 
 def run_job(job: Job, env: dict, timeout_s: float, log) -> dict:

@@ -22,6 +22,7 @@ device memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -65,7 +66,8 @@ def main(argv=None) -> dict:
     max_len = args.prompt_len + args.new_tokens
     overrides = dict(dtype=args.dtype, param_dtype=args.param_dtype, attention=args.attention, remat="full")
     cfg = model_preset(args.model, **overrides)
-    cfg = model_preset(args.model, **overrides, max_len=max(cfg.max_len, max_len))
+    if cfg.max_len < max_len:
+        cfg = dataclasses.replace(cfg, max_len=max_len)
     policy_model, value_model = Transformer(cfg), Transformer(cfg, head="scalar")
     reward_model = Transformer(model_preset(args.model, **overrides, max_len=cfg.max_len,
                                             n_layers=args.reward_layers), head="scalar")

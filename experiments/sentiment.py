@@ -189,26 +189,42 @@ def sample_in_chunks(model, params, tokenizer, prompts: list[str], n: int, scale
     return {"texts": texts, "chunks": rollouts}
 
 
+def sample_sft(root: Path, scale: Scale, vader, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The SFT policy's `samples_per_prompt` samples of the first `sample_prompts` training prompts:
+    (prompts, texts [P, k], VADER scores [P, k])."""
+    model, params, tokenizer = load_for_sampling(root / "sft")
+    prompts = [r["prompt"] for r in read_jsonl(root / "data" / "prompts_train.jsonl")][:scale.sample_prompts]
+    k = scale.samples_per_prompt
+    drawn = sample_in_chunks(model, params, tokenizer, prompts, k, scale, seed=seed)
+    scores = np.concatenate([vader(c["batch"]) for c in drawn["chunks"]]).reshape(len(prompts), k)
+    return prompts, np.asarray(drawn["texts"], dtype=object).reshape(len(prompts), k), scores
+
+
+def ranked_pairs(prompt: str, texts, scores, min_gap: float) -> list[dict]:
+    """Every pair of a prompt's non-empty responses whose scores differ by at least `min_gap`, the
+    higher-scored one chosen."""
+    k = len(texts)
+    rows = [(i, j) for i in range(k) for j in range(i + 1, k)
+            if abs(scores[i] - scores[j]) >= min_gap and texts[i].strip() and texts[j].strip()]
+    return [{"prompt": prompt, "chosen": texts[i] if scores[i] > scores[j] else texts[j],
+             "rejected": texts[j] if scores[i] > scores[j] else texts[i]} for i, j in rows]
+
+
+def write_pairs(directory: Path, stem: str, groups: list[list[dict]]) -> None:
+    """`stem`_train.jsonl and `stem`_eval.jsonl from per-prompt groups of pairs: held-out pairs come
+    from held-out prompts (the last 10%)."""
+    cut = int(0.9 * len(groups))
+    write_jsonl(directory / f"{stem}_train.jsonl", [p for group in groups[:cut] for p in group])
+    write_jsonl(directory / f"{stem}_eval.jsonl", [p for group in groups[cut:] for p in group])
+
+
 def make_pairs(root: Path, scale: Scale, vader) -> None:
     """Sample the SFT policy on training prompts, score with VADER, keep pairs at least min_gap apart."""
     data = root / "data"
     if (data / "pairs_eval.jsonl").exists():
         return
-    model, params, tokenizer = load_for_sampling(root / "sft")
-    prompts = [r["prompt"] for r in read_jsonl(data / "prompts_train.jsonl")][:scale.sample_prompts]
-    k = scale.samples_per_prompt
-    drawn = sample_in_chunks(model, params, tokenizer, prompts, k, scale, seed=1)
-    scores = np.concatenate([vader(c["batch"]) for c in drawn["chunks"]]).reshape(len(prompts), k)
-    texts = np.asarray(drawn["texts"], dtype=object).reshape(len(prompts), k)
-    pairs = []
-    for prompt, s, t in zip(prompts, scores, texts):
-        rows = [(i, j) for i in range(k) for j in range(i + 1, k)
-                if abs(s[i] - s[j]) >= scale.min_gap and t[i].strip() and t[j].strip()]  # an empty text is no pair
-        pairs.append([{"prompt": prompt, "chosen": t[i] if s[i] > s[j] else t[j],
-                       "rejected": t[j] if s[i] > s[j] else t[i]} for i, j in rows])
-    cut = int(0.9 * len(pairs))  # held-out pairs come from held-out prompts
-    write_jsonl(data / "pairs_train.jsonl", [p for group in pairs[:cut] for p in group])
-    write_jsonl(data / "pairs_eval.jsonl", [p for group in pairs[cut:] for p in group])
+    prompts, texts, scores = sample_sft(root, scale, vader, seed=1)
+    write_pairs(data, "pairs", [ranked_pairs(p, t, s, scale.min_gap) for p, t, s in zip(prompts, texts, scores)])
 
 
 # ---------------------------------------------------------------------------------------------

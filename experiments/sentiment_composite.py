@@ -40,7 +40,7 @@ from pjlm.config import PPOConfig, PreferenceConfig
 from pjlm.fileio import write_atomic
 from pjlm.sample import load_for_sampling
 from experiments import sentiment
-from experiments.sentiment_report import environment
+from experiments.sentiment_report import environment, reward_model_accuracy
 
 WEIGHTS = (0.8, 0.5, 0.2)
 """w, the weight of the positive reward model (the concise one gets 1 − w)."""
@@ -59,42 +59,20 @@ def preference_pairs(prompts: list[str], texts: list[list[str]], vader_scores: n
     """Both preferences over the same samples, per prompt: every pair of a prompt's (non-empty)
     responses whose VADER scores differ by at least `min_gap` (positive: the higher chosen), and every
     pair whose word counts differ by at least `min_word_gap` (concise: the shorter chosen)."""
-    out: dict[str, list[list[dict]]] = {"positive": [], "concise": []}
-    for prompt, t, s in zip(prompts, texts, vader_scores):
-        n = [words(x) for x in t]
-        positive, concise = [], []
-        for i in range(len(t)):
-            for j in range(i + 1, len(t)):
-                if not (t[i].strip() and t[j].strip()):
-                    continue
-                if abs(s[i] - s[j]) >= min_gap:
-                    hi, lo = (i, j) if s[i] > s[j] else (j, i)
-                    positive.append({"prompt": prompt, "chosen": t[hi], "rejected": t[lo]})
-                if abs(n[i] - n[j]) >= min_word_gap:
-                    short, long_ = (i, j) if n[i] < n[j] else (j, i)
-                    concise.append({"prompt": prompt, "chosen": t[short], "rejected": t[long_]})
-        out["positive"].append(positive)
-        out["concise"].append(concise)
-    return out
+    return {"positive": [sentiment.ranked_pairs(p, t, s, min_gap) for p, t, s in zip(prompts, texts, vader_scores)],
+            "concise": [sentiment.ranked_pairs(p, t, [-words(x) for x in t], min_word_gap)
+                        for p, t in zip(prompts, texts)]}
 
 
 def make_pairs(root: Path, scale: sentiment.Scale, vader) -> None:
-    """Sample SFT on the training prompts, then write both preferences' train/eval pairs (held-out
-    pairs from held-out prompts)."""
+    """Sample SFT on the training prompts, then write both preferences' train/eval pairs."""
     out = root / "composite"
     if all((out / f"pairs_{p}_eval.jsonl").exists() for p in PREFERENCES):
         return
-    model, params, tokenizer = load_for_sampling(root / "sft")
-    prompts = [r["prompt"] for r in sentiment.read_jsonl(root / "data" / "prompts_train.jsonl")][:scale.sample_prompts]
-    k = scale.samples_per_prompt
-    drawn = sentiment.sample_in_chunks(model, params, tokenizer, prompts, k, scale, seed=11)
-    scores = np.concatenate([vader(c["batch"]) for c in drawn["chunks"]]).reshape(len(prompts), k)
-    texts = [drawn["texts"][i * k:(i + 1) * k] for i in range(len(prompts))]
-    pairs = preference_pairs(prompts, texts, scores, min_gap=scale.min_gap, min_word_gap=MIN_WORD_GAP)
-    cut = int(0.9 * len(prompts))
-    for name, groups in pairs.items():
-        sentiment.write_jsonl(out / f"pairs_{name}_train.jsonl", [p for g in groups[:cut] for p in g])
-        sentiment.write_jsonl(out / f"pairs_{name}_eval.jsonl", [p for g in groups[cut:] for p in g])
+    prompts, texts, scores = sentiment.sample_sft(root, scale, vader, seed=11)
+    for name, groups in preference_pairs(prompts, texts, scores, min_gap=scale.min_gap,
+                                         min_word_gap=MIN_WORD_GAP).items():
+        sentiment.write_pairs(out, f"pairs_{name}", groups)
 
 
 def reward_config(root: Path, scale: sentiment.Scale, name: str):
@@ -190,13 +168,6 @@ def plot(points: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _accuracy(workdir: Path) -> Optional[float]:
-    from pjlm.metrics import read_metrics
-
-    evals = [r["eval_accuracy"] for r in read_metrics(workdir) if "eval_accuracy" in r]
-    return evals[-1] if evals else None
-
-
 def report(results: dict) -> str:
     pts, tr = results["points"], results["trends"]
     lines = [
@@ -264,7 +235,7 @@ def run(root: Path) -> dict:
         "weights": list(WEIGHTS), "ppo_kl_coef": PPO_KL_COEF,
         "pairs": {name: {split: len(sentiment.read_jsonl(out / f"pairs_{name}_{split}.jsonl"))
                          for split in ("train", "eval")} for name in PREFERENCES},
-        "reward_model_eval_accuracy": {name: _accuracy(out / f"rm-{name}") for name in PREFERENCES},
+        "reward_model_eval_accuracy": {name: reward_model_accuracy(out / f"rm-{name}") for name in PREFERENCES},
         "points": {k: points[k] for k in ["sft", *[run_name(w) for w in WEIGHTS]]},
         "trends": {key: trend(points, key) for key in ("vader", "words", "kl")},
     }

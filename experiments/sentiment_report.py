@@ -128,8 +128,9 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _reward_model_accuracy(root: Path) -> float | None:
-    evals = [r["eval_accuracy"] for r in read_metrics(root / "reward") if "eval_accuracy" in r]
+def reward_model_accuracy(workdir: Path) -> float | None:
+    """The last held-out accuracy a reward-model run logged."""
+    evals = [r["eval_accuracy"] for r in read_metrics(workdir) if "eval_accuracy" in r]
     return evals[-1] if evals else None
 
 
@@ -149,7 +150,7 @@ def write(root: Path, scale, points: dict, seconds: dict, command: str) -> dict:
     results = {
         "command": command, **environment(), "git_revision": git_revision(),
         "wall_time_s": round(sum(seconds.values()), 1), "phase_seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "scale": dataclasses.asdict(scale), "pairs": pairs, "reward_model_eval_accuracy": _reward_model_accuracy(root),
+        "scale": dataclasses.asdict(scale), "pairs": pairs, "reward_model_eval_accuracy": reward_model_accuracy(root / "reward"),
         "points": [{k: p[k] for k in POINT_KEYS} for pts in series.values() for p in pts],
         "summary": {label: {k: p[k] for k in POINT_KEYS} for label, p in finals.items()},
         "leaderboard": board,

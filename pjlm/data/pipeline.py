@@ -136,8 +136,8 @@ def get_tokenizer(cfg: DataConfig, workdir: Path, rows: datasets.Dataset, schema
                                   "tokenizer is never replaced: drop data.tokenizer to resume, or use a new --workdir")
     elif saved is not None:
         return saved
-    elif init_from and saved_tokenizer(local_path(init_from, "train.init_from")):
-        tokenizer = load_tokenizer(local_path(init_from, "train.init_from"))  # its tokenizer.model, else its tokenizer.json
+    elif init_from and saved_tokenizer(init_dir := local_path(init_from, "train.init_from")):
+        tokenizer = load_tokenizer(init_dir)  # its tokenizer.model, else its tokenizer.json
     else:
         tokenizer = _train_tokenizer(rows, schema, cfg.tokenizer_vocab_size)
     # Every process trains the same tokenizer (deterministic: same rows, one thread), so none has to
