@@ -79,23 +79,28 @@ def _tail(path: Path, n: int = 80) -> str:
     return "\n".join(lines[-n:])
 
 
-def _launch(config: Path, workdir: Path, envs: list[dict[str, str]], logs: Path) -> float:
-    """Start one `pjlm train` per env and wait for all; on a failure or after RUN_TIMEOUT_S, kill
-    every process still running and fail with the logs' tails. Returns the wall time."""
+def _start(config: Path, workdir: Path, envs: list[dict[str, str]], logs: Path) -> list[tuple[subprocess.Popen, Path]]:
+    """One `pjlm train` per env, each logging to logs/process{i}.log."""
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[tuple[subprocess.Popen, Path]] = []
+    for i, env in enumerate(envs):
+        log = logs / f"process{i}.log"
+        with open(log, "w") as out:
+            procs.append((subprocess.Popen(
+                [sys.executable, "-m", "pjlm", "train", str(config), "--workdir", str(workdir)],
+                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT), log))
+    return procs
+
+
+def _wait(procs: list[tuple[subprocess.Popen, Path]], expect: int = 0, timeout_s: float = RUN_TIMEOUT_S) -> None:
+    """Wait until every process has exited with `expect`; on another exit code or after `timeout_s`,
+    kill every process still running and fail with the logs' tails."""
     start = time.monotonic()
     try:
-        for i, env in enumerate(envs):
-            log = logs / f"process{i}.log"
-            with open(log, "w") as out:
-                procs.append((subprocess.Popen(
-                    [sys.executable, "-m", "pjlm", "train", str(config), "--workdir", str(workdir)],
-                    cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT), log))
         while True:
             codes = [p.poll() for p, _ in procs]
-            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
-            timed_out = time.monotonic() - start > RUN_TIMEOUT_S
+            failed = [i for i, c in enumerate(codes) if c not in (None, expect)]
+            timed_out = time.monotonic() - start > timeout_s
             if failed or timed_out:
                 if timed_out:  # PYTHONFAULTHANDLER: SIGABRT writes every thread's Python stack to the log
                     for p, _ in procs:
@@ -103,11 +108,11 @@ def _launch(config: Path, workdir: Path, envs: list[dict[str, str]], logs: Path)
                             p.send_signal(signal.SIGABRT)
                     time.sleep(3)
                 what = f"process(es) {failed} exited with {[codes[i] for i in failed]}" if failed else \
-                    f"timed out after {RUN_TIMEOUT_S} s"
-                pytest.fail(f"{len(procs)}-process run {what}\n" + "\n".join(
+                    f"timed out after {timeout_s} s"
+                pytest.fail(f"{len(procs)}-process run {what} (expected exit code {expect})\n" + "\n".join(
                     f"--- process {i} ({log}):\n{_tail(log)}" for i, (_, log) in enumerate(procs)))
-            if all(c == 0 for c in codes):
-                return time.monotonic() - start
+            if all(c == expect for c in codes):
+                return
             time.sleep(0.2)
     finally:
         for p, _ in procs:  # only reached with live processes after a failure or an interrupt
@@ -115,6 +120,13 @@ def _launch(config: Path, workdir: Path, envs: list[dict[str, str]], logs: Path)
                 p.kill()
         for p, _ in procs:
             p.wait(timeout=30)
+
+
+def _launch(config: Path, workdir: Path, envs: list[dict[str, str]], logs: Path) -> float:
+    """Start one `pjlm train` per env and wait for all to succeed; returns the wall time."""
+    start = time.monotonic()
+    _wait(_start(config, workdir, envs, logs))
+    return time.monotonic() - start
 
 
 def _metrics(workdir: Path) -> list[dict]:
@@ -247,6 +259,30 @@ def test_two_process_ppo_reaches_the_one_process_metrics(launched):
     _assert_same_run(dirs["one"], dirs["two"], ("reward", "kl", "policy_loss", "value_loss", "entropy"), 3, "PPO")
 
 
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
+    """SIGTERM to process 1 alone: both processes save the same step (one checkpoint, whole) and exit
+    with the preemption's code, instead of process 0 waiting forever in the step's collectives."""
+    config = tmp_path / "long_experiment.py"
+    steps = 100_000  # far more than run before the signal: the run must stop because of it
+    config.write_text(_phase_experiment(train=dict(steps=steps, log_every=1, eval_every=0, checkpoint_every=steps)))
+    workdir = tmp_path / "run"
+    procs = _start(config, workdir, _two_process_envs(tmp_path), tmp_path / "logs")
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (workdir / "metrics.jsonl").exists() or len(_metrics(workdir)) < 3:  # compiled and stepping
+        if time.monotonic() > deadline or any(p.poll() is not None for p, _ in procs):
+            _wait(procs, timeout_s=0)  # fails with the logs
+        time.sleep(0.2)
+    procs[1][0].send_signal(signal.SIGTERM)
+    _wait(procs, expect=128 + signal.SIGTERM, timeout_s=60)
+    saved = [int(line.split("preempted at step ")[1].split()[0]) for _, log in procs
+             for line in log.read_text().splitlines() if "preempted at step " in line]
+    assert len(saved) == 2 and saved[0] == saved[1] < steps, saved
+    assert ckpt_lib.checkpoint_steps(workdir / "checkpoints") == [saved[0]]
+    assert _metrics(workdir)[-1]["step"] == saved[0]  # every step up to the save was logged
+    assert saved_arrays(workdir / "checkpoints" / str(saved[0]))  # both processes' shards are readable
 # --- maybe_initialize_distributed: which environments start jax.distributed, and with what ---
 
 _DETECTED = ("PJLM_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",

@@ -87,26 +87,52 @@ def abstract_state(model: Transformer, tx, mesh, lora_cfg: Optional[LoraConfig] 
 
 
 class _Preemption:
-    """SIGTERM or SIGINT sets a flag the loop checks after each step (then it saves and raises
-    `Preempted`). A second SIGINT interrupts at once, as Ctrl-C twice does."""
+    """SIGTERM or SIGINT asks the run to save and stop; `reached(step)` says when, the same step on
+    every process. A second SIGINT interrupts at once, as Ctrl-C twice does.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    One process: a signal sets a flag that `reached` returns after the current step. Several
+    processes (`jax.distributed`): a signal on any one of them must stop all of them at the same step,
+    or the others wait forever in the step's collectives. JAX's preemption service agrees on it (the
+    mechanism Orbax's `reached_preemption` uses): SIGTERM, or the platform's preemption notice, is
+    caught by the service, which picks a step every process has yet to reach, and
+    `multihost_utils.reached_preemption_sync_point` turns true there on all of them. So SIGTERM is
+    left to the service, and SIGINT is passed on to it as a SIGTERM."""
 
     def __init__(self):
         self.requested = False
         self.signum = 0
         self._previous: dict = {}
+        self._agreed = jax.process_count() > 1 and _preemption_service() is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            signals = (signal.SIGINT,) if self._agreed else (signal.SIGTERM, signal.SIGINT)
+            self._previous = {s: signal.signal(s, self._handle) for s in signals}
         return self
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
-        print(f"pjlm: {signal.Signals(signum).name} received; saving after this step", file=sys.stderr, flush=True)
+        if self._agreed:
+            print(f"pjlm: {signal.Signals(signum).name} received; every process saves at a step they agree on",
+                  file=sys.stderr, flush=True)
+            signal.raise_signal(signal.SIGTERM)  # to the preemption service, which tells the others
+        else:
+            print(f"pjlm: {signal.Signals(signum).name} received; saving after this step", file=sys.stderr,
+                  flush=True)
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step` (steps done). Called once per step, every step, by
+        every process (the service's contract)."""
+        if not self._agreed:
+            return self.requested
+        if not _preemption_service().reached_sync_point(step):
+            return False
+        if not self.requested:  # the notice came to another process (or from the platform)
+            self.requested, self.signum = True, signal.SIGTERM
+        print(f"pjlm: preemption: every process saves step {step} and stops", file=sys.stderr, flush=True)
+        return True
 
     def stop(self, step: int, steps: int, workdir: Path) -> None:
         """Called after the preemption's checkpoint is on disk."""
@@ -115,6 +141,14 @@ class _Preemption:
     def __exit__(self, *exc):
         for s, previous in self._previous.items():
             signal.signal(s, previous)
+
+
+def _preemption_service():
+    """JAX's preemption sync manager of a `jax.distributed` run (None without one, or when
+    `jax_enable_preemption_service` is off)."""
+    from jax._src import distributed  # the object `multihost_utils.reached_preemption_sync_point` reads
+
+    return distributed.global_state.preemption_sync_manager if distributed.global_state.client else None
 
 
 @dataclasses.dataclass
@@ -394,7 +428,7 @@ def _train(r: _Run, checkpointer: ckpt_lib.Checkpointer, is_main: bool) -> RunRe
             writer.write(0, last_eval)
             history.append({"step": 0, **last_eval})
         throughput.update(start, 0)
-        done = start
+        done, stop = start, False
         for step in range(start, cfg.steps):
             batch = sharding.shard_batch(r.train_batches.batch(step), r.mesh)
             state, metrics = phase.step(state, batch)
@@ -413,17 +447,18 @@ def _train(r: _Run, checkpointer: ckpt_lib.Checkpointer, is_main: bool) -> RunRe
                 last_eval = evaluate(r, phase, state)
                 writer.write(done, last_eval)
                 history.append({"step": done, **last_eval})
-            if preemption.requested and window:  # the partial window before a preemption is logged too
+            stop = preemption.reached(done)
+            if stop and window:  # the partial window before a preemption is logged too
                 pending, window = (pending or []) + window, []
-            if done % cfg.checkpoint_every == 0 or last or preemption.requested:
+            if done % cfg.checkpoint_every == 0 or last or stop:
                 _check_finite(window + (pending or []), checkpointer.latest_step())
                 save(r, checkpointer, done, state.params, _train_item(state), _meta(r, done, last_eval))
-            if preemption.requested:
+            if stop:
                 break
         if pending is not None:
             history.append(_log(pending, writer, throughput, checkpointer))
         checkpointer.wait()
-        if preemption.requested and done < cfg.steps:
+        if stop and done < cfg.steps:
             preemption.stop(done, cfg.steps, r.workdir)
     return RunResult(state, history, r.workdir)
 

@@ -277,17 +277,18 @@ def _iterate(r, state: PPOState, ref, tx_policy, tx_value, value_model, checkpoi
     start = int(state.policy.step) // (cfg.epochs * cfg.minibatches)
     with metrics_lib.MetricWriter(r.workdir, total_steps=tcfg.steps, is_main=jax.process_index() == 0) as writer, \
             loop._Preemption() as preemption, sharding.use_mesh(r.mesh):
-        done = start
+        done, stop = start, False
         for it in range(start, tcfg.steps):
             state, record = _iteration(r, fns, state, ref, it)
             writer.write(it + 1, {k: v for k, v in record.items() if k != "step"})
             history.append(record)
             done = it + 1
-            if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or preemption.requested:
+            stop = preemption.reached(done)
+            if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or stop:
                 loop.save(r, checkpointer, done, _params_item(state), _train_item(state), loop._meta(r, done))
-            if preemption.requested:
+            if stop:
                 break
         checkpointer.wait()
-        if preemption.requested and done < tcfg.steps:
+        if stop and done < tcfg.steps:
             preemption.stop(done, tcfg.steps, r.workdir)
     return loop.RunResult(state.policy, history, r.workdir)
