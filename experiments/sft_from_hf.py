@@ -22,7 +22,7 @@ leave the model of `IMPORT_DIR`). `data.source` is any SFT data: json/jsonl/parq
 prompt/response or chat messages.
 
 Hardware: one H100/H200 (bf16 compute on float32 master weights, remat of everything but the weight
-matmuls, cuDNN attention); on a TPU slice add --set mesh.fsdp=-1 --set model.attention=xla.
+matmuls, the platform's fused attention: cuDNN here, splash on TPU); on a TPU slice add --set mesh.fsdp=-1.
 Expected result: not yet measured in this project.
 """
 
@@ -39,7 +39,7 @@ def imported_model(import_dir: Optional[str] = None):
     """The imported checkpoint's model config with the accelerator settings (the preset before it
     exists); `import_dir` defaults to IMPORT_DIR, read at call time."""
     import_dir = import_dir or IMPORT_DIR
-    speed = dict(dtype="bfloat16", remat="save_dots", attention="cudnn")
+    speed = dict(dtype="bfloat16", remat="save_dots", attention="auto")
     if (Path(import_dir) / "checkpoints").exists():
         from pjlm.hf import model_config_of
 

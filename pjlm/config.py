@@ -11,7 +11,7 @@ import math
 from typing import Literal, Optional
 
 Remat = Literal["none", "full", "save_dots"]
-Attention = Literal["einsum", "xla", "cudnn"]
+Attention = Literal["einsum", "xla", "cudnn", "splash", "auto"]
 
 
 from pjlm.errors import ConfigError  # noqa: E402  (re-exported: pjlm.config.ConfigError)
@@ -80,7 +80,8 @@ class ModelConfig:
     query_pre_attn_scalar: Optional[float] = None
     """Attention scores are scaled by query_pre_attn_scalar**-0.5 (Gemma); None = head_dim."""
     attn_softcap: Optional[float] = None
-    """Attention logits become c·tanh(s/c) before the mask (Gemma 2); None = off. Needs attention=einsum."""
+    """Attention logits become c·tanh(s/c) before the mask (Gemma 2); None = off. Needs attention einsum, splash
+    or auto."""
     final_softcap: Optional[float] = None
     """LM-head logits become c·tanh(z/c) (Gemma 2); None = off."""
     dtype: str = "float32"
@@ -90,7 +91,9 @@ class ModelConfig:
     remat: Remat = "none"
     """Rematerialisation of each block in the backward pass: none, full, or save_dots (keep weight matmuls)."""
     attention: Attention = "einsum"
-    """einsum: the plain reference; xla / cudnn: `jax.nn.dot_product_attention` with that implementation."""
+    """einsum: the plain reference; xla / cudnn: `jax.nn.dot_product_attention` with that implementation;
+    splash: the Pallas splash kernel (TPU); auto: the platform's kernel — splash on TPU, cudnn on GPU
+    where the model allows, else xla (einsum with attn_softcap). See `pjlm.attention`."""
     scan_unroll: int = 1
     """Unroll factor of the scan over layers (n_layers = a fully unrolled loop, same parameters)."""
     init_std: float = 0.02
@@ -126,13 +129,14 @@ class ModelConfig:
                               f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
         if self.activation not in ("silu", "gelu_tanh"):
             raise ConfigError(f"model.activation={self.activation!r}; choose silu or gelu_tanh")
-        if self.attn_softcap is not None and self.attention != "einsum":
-            raise ConfigError(f"model.attn_softcap={self.attn_softcap} needs model.attention='einsum'; "
+        if self.attn_softcap is not None and self.attention in ("xla", "cudnn"):
+            raise ConfigError(f"model.attn_softcap={self.attn_softcap} needs model.attention='einsum', 'splash' "
+                              "or 'auto'; "
                               f"{self.attention!r} attention has no logit soft-capping")
         if self.remat not in ("none", "full", "save_dots"):
             raise ConfigError(f"model.remat={self.remat!r}; choose none, full or save_dots")
-        if self.attention not in ("einsum", "xla", "cudnn"):
-            raise ConfigError(f"model.attention={self.attention!r}; choose einsum, xla or cudnn")
+        if self.attention not in ("einsum", "xla", "cudnn", "splash", "auto"):
+            raise ConfigError(f"model.attention={self.attention!r}; choose einsum, xla, cudnn, splash or auto")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}; choose float32, bfloat16 or float16")

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from pjlm import ops
+from pjlm.attention import model_splash, resolve_attention
 from pjlm.config import ConfigError, ModelConfig
 from pjlm.layers import (ACTIVATIONS, RMSNorm, apply_rope, local_layers, rope_inv_freq, rope_tables, softcap,
                          uniform_window)
@@ -179,9 +180,11 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD, cos_BLH, sin_BLH, mask_B1LS, kv=None, layer=None, index=None):
+    def __call__(self, x_BLD, cos_BLH, sin_BLH, mask_B1LS, kv=None, layer=None, index=None, local=None):
         """Returns (out [B, L, D], kv). With `kv` = (k, v) of the whole cache [layers, B, S, K, H], this
-        layer's keys and values are written at [layer, :, index:index+L] and the mask is [B, 1, L, S]."""
+        layer's keys and values are written at [layer, :, index:index+L] and the mask is [B, 1, L, S].
+        With splash attention `mask_B1LS` is the segment ids [B, L] instead (the kernel builds its own
+        mask) and `local` this layer's window flag when layers alternate."""
         c = self.config
         D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.resolved_head_dim
         dense = functools.partial(Linear, dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
@@ -195,13 +198,15 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(apply_rope(q, cos_BLH, sin_BLH), ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(apply_rope(k, cos_BLH, sin_BLH), ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        implementation = "einsum" if kv is not None else resolve_attention(c)
         if kv is not None:  # write this call's keys and values into the cache, then attend to all of it
             kv, k, v = _write_kv(kv, k, v, layer, index)
+        if implementation == "einsum":
             out_BLNH = einsum_attention(q, k, v, mask_B1LS, scale, c.attn_softcap)
-        elif c.attention == "einsum":
-            out_BLNH = einsum_attention(q, k, v, mask_B1LS, scale, c.attn_softcap)
+        elif implementation == "splash":
+            out_BLNH = model_splash(q, k, v, mask_B1LS, c, scale, local)
         else:  # the mask holds any per-layer window; a uniform one also picks cuDNN's windowed kernel
-            out_BLNH = fused_attention(q, k, v, mask_B1LS, c.attention, uniform_window(c), scale)
+            out_BLNH = fused_attention(q, k, v, mask_B1LS, implementation, uniform_window(c), scale)
         out_BLD = dense((N, H), (D,), ("heads", "head_dim", "embed"), "BLNH,NHD->BLD", False, name="o")(out_BLNH)
         return out_BLD, kv
 
@@ -249,7 +254,7 @@ class Block(nn.Module):
         x_BLD, kv = (carry, None) if layer is None else (carry[0], carry[1:])
         norm = functools.partial(RMSNorm, c.norm_eps, _dtype(c.dtype), _dtype(c.param_dtype), c.norm_offset)
         h_BLD, kv = Attention(c, name="attn")(norm(name="attn_norm")(x_BLD), cos_BLH, sin_BLH, mask_B1LS,
-                                              kv, layer, index)
+                                              kv, layer, index, local)
         if c.post_norms:
             h_BLD = norm(name="attn_post_norm")(h_BLD)
         x_BLD = x_BLD + h_BLD
@@ -266,6 +271,12 @@ def _masks(c: ModelConfig, mask_fn, *args):
     if local_layers(c) is None:
         return mask_fn(*args, uniform_window(c))
     return jnp.stack([mask_fn(*args, None), mask_fn(*args, c.sliding_window)])
+
+
+def _segments_for_splash(segment_ids_BL, window):
+    """The splash kernel's "mask": the segment ids themselves (it applies causality and the window)."""
+    del window
+    return segment_ids_BL
 
 
 _REMAT_POLICIES = {
@@ -316,7 +327,8 @@ class Transformer(nn.Module):
             cos_BLH, sin_BLH = jnp.stack([cos_BLH, cos_local]), jnp.stack([sin_BLH, sin_local])
             local = jnp.asarray(local)
         if cache is None:
-            x_BLD = self._layers(x_BLD, cos_BLH, sin_BLH, _masks(c, attention_mask, segment_ids_BL), local)
+            mask_fn = _segments_for_splash if resolve_attention(c) == "splash" else attention_mask
+            x_BLD = self._layers(x_BLD, cos_BLH, sin_BLH, _masks(c, mask_fn, segment_ids_BL), local)
         else:
             x_BLD, cache = self._cached_layers(x_BLD, cos_BLH, sin_BLH, segment_ids_BL, cache, local)
         if last_only:

@@ -149,7 +149,7 @@ def recipe_config(phase: str, model_config: ModelConfig, init_from: str, *, lora
     lora = LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank) if lora_rank else None
     seq_len = min(r.seq_len, model_config.max_len)
     model = model_config.replace(dtype="bfloat16" if _on_accelerator() else "float32", param_dtype="float32",
-                                 remat="full" if _on_accelerator() else "none")
+                                 remat="full" if _on_accelerator() else "none", attention="auto")
     return Config(
         model=model,
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
