@@ -464,9 +464,9 @@ class Config:
 
         self.model.validate()
         check_ranges(self)
-        if self.optimizer.grad_accum > 1 and self.train.phase not in ("pretrain", "sft"):
-            raise ConfigError(f"optimizer.grad_accum > 1 is implemented for pretrain and sft only, not "
-                              f"train.phase={self.train.phase}; lower data.batch_size instead")
+        if self.optimizer.grad_accum > 1 and self.train.phase == "ppo":
+            raise ConfigError("optimizer.grad_accum > 1 does not apply to train.phase=ppo: its batch is split "
+                              "by ppo.minibatches (and data.batch_size prompts × ppo.group_size samples)")
         if self.optimizer.grad_accum < 1 or self.data.batch_size % self.optimizer.grad_accum:
             raise ConfigError(f"data.batch_size={self.data.batch_size} is not divisible by "
                               f"optimizer.grad_accum={self.optimizer.grad_accum}")

@@ -51,8 +51,9 @@ def test_presets():
 def test_gradient_accumulation_is_refused_where_it_is_not_implemented():
     from pjlm.config import Config, apply_overrides
 
-    with pytest.raises(ConfigError, match=r"grad_accum > 1 is implemented for pretrain and sft only, not train.phase=dpo"):
-        apply_overrides(Config(), ["train.phase=dpo", "optimizer.grad_accum=2"])
+    with pytest.raises(ConfigError, match=r"grad_accum > 1 does not apply to train.phase=ppo"):
+        apply_overrides(Config(), ["train.phase=ppo", "optimizer.grad_accum=2"])
+    assert apply_overrides(Config(), ["train.phase=dpo", "optimizer.grad_accum=2"]).optimizer.grad_accum == 2
     assert apply_overrides(Config(), ["optimizer.grad_accum=2"]).optimizer.grad_accum == 2
 
 

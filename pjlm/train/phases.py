@@ -49,11 +49,11 @@ def jit_train_step(cfg, model, tx, schedule, state_shardings, batch_shardings, r
     executes it (the planner, `pjlm.plan`, compiles the same): the state donated, its shardings in
     and out; DPO takes `(state, ref_params, batch)`, the others `(state, batch)`."""
     pref, phase, chunk = cfg.preference, cfg.train.phase, cfg.train.logprob_chunk
-    common = dict(model=model, tx=tx, schedule=schedule, lora_cfg=cfg.lora)
+    common = dict(model=model, tx=tx, schedule=schedule, lora_cfg=cfg.lora, grad_accum=cfg.optimizer.grad_accum)
     jit_step = functools.partial(jax.jit, out_shardings=(state_shardings, None), donate_argnums=0)
     if phase in ("pretrain", "sft"):
-        return jit_step(functools.partial(steps.lm_step, grad_accum=cfg.optimizer.grad_accum, logprob_chunk=chunk,
-                                          **common), in_shardings=(state_shardings, batch_shardings))
+        return jit_step(functools.partial(steps.lm_step, logprob_chunk=chunk, **common),
+                        in_shardings=(state_shardings, batch_shardings))
     if phase == "reward":
         return jit_step(functools.partial(preference.reward_step, cfg=pref, **common),
                         in_shardings=(state_shardings, batch_shardings))

@@ -19,6 +19,7 @@ from pjlm import lora, losses
 from pjlm.config import LoraConfig, PreferenceConfig
 from pjlm.model import Transformer, target_logprobs
 from pjlm.train.state import TrainState
+from pjlm.train.steps import accumulate_gradients
 
 SIDE_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
@@ -55,6 +56,30 @@ def _apply_update(state: TrainState, grads, tx, schedule) -> tuple[TrainState, d
     return new, {"grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
 
 
+def _pairs(batch: dict) -> int:
+    return batch["chosen"]["tokens"].shape[0]
+
+
+def pair_gradients(loss_fn, params: Any, batch: dict, grad_accum: int = 1) -> tuple[Any, dict]:
+    """∇ of a loss that is a mean over the batch's pairs, and its metrics (pair means, plus the summed
+    `tokens`). With `grad_accum` = k > 1, each of k micro-batches contributes its loss and metrics
+    summed over its pairs, and the sums are divided once by the batch's pairs: k micro-batches equal
+    one k-times larger batch."""
+    if grad_accum == 1:
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        return grads, metrics
+
+    def summed(p, micro):
+        loss, metrics = loss_fn(p, micro)
+        b = _pairs(micro)
+        return loss * b, {k: v if k == "tokens" else v * b for k, v in metrics.items()}
+
+    grads, sums = accumulate_gradients(summed, params, batch, grad_accum)
+    n = _pairs(batch)
+    return (jax.tree_util.tree_map(lambda g: g / n, grads),
+            {k: v if k == "tokens" else v / n for k, v in sums.items()})
+
+
 def _n_tokens(rows: dict) -> jax.Array:
     return jnp.sum(rows["segment_ids"] > 0).astype(jnp.float32)
 
@@ -69,10 +94,10 @@ def reward_loss_fn(params, batch, *, model: Transformer, cfg: PreferenceConfig):
 
 
 def reward_step(state: TrainState, batch: dict, *, model: Transformer, tx, schedule, cfg: PreferenceConfig,
-                lora_cfg: Optional[LoraConfig] = None) -> tuple[TrainState, dict]:
+                lora_cfg: Optional[LoraConfig] = None, grad_accum: int = 1) -> tuple[TrainState, dict]:
     """One step of the Bradley–Terry reward model: −log σ(r_w − r_l − margin) + center_coef·(r_w + r_l)²."""
-    loss = lambda p: reward_loss_fn(lora.model_params(p, state.frozen, lora_cfg), batch, model=model, cfg=cfg)
-    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    loss = lambda p, b: reward_loss_fn(lora.model_params(p, state.frozen, lora_cfg), b, model=model, cfg=cfg)
+    grads, metrics = pair_gradients(loss, state.params, batch, grad_accum)
     state, extra = _apply_update(state, grads, tx, schedule)
     return state, {**metrics, **extra}
 
@@ -114,16 +139,16 @@ def dpo_loss_fn(params, ref_params, batch, *, model: Transformer, cfg: Preferenc
 
 
 def dpo_step(state: TrainState, ref_params: Optional[Any], batch: dict, *, model: Transformer, tx, schedule,
-             cfg: PreferenceConfig, logprob_chunk: int = 0,
-             lora_cfg: Optional[LoraConfig] = None) -> tuple[TrainState, dict]:
+             cfg: PreferenceConfig, logprob_chunk: int = 0, lora_cfg: Optional[LoraConfig] = None,
+             grad_accum: int = 1) -> tuple[TrainState, dict]:
     """One DPO-family step. `ref_params` is the frozen reference tree; it is None when the batch
     carries cached reference log-probs, for SimPO, and with LoRA, where the reference is the frozen
     base `state.frozen` with the adapters off (no copy, no second argument aliasing the state)."""
     if lora_cfg is not None and ref_params is None:
         ref_params = state.frozen
-    loss = lambda p: dpo_loss_fn(lora.model_params(p, state.frozen, lora_cfg), ref_params, batch, model=model,
-                                 cfg=cfg, logprob_chunk=logprob_chunk)
-    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    loss = lambda p, b: dpo_loss_fn(lora.model_params(p, state.frozen, lora_cfg), ref_params, b, model=model,
+                                    cfg=cfg, logprob_chunk=logprob_chunk)
+    grads, metrics = pair_gradients(loss, state.params, batch, grad_accum)
     state, extra = _apply_update(state, grads, tx, schedule)
     return state, {**metrics, **extra}
 

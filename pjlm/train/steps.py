@@ -3,7 +3,9 @@
 Jitted by the loop with explicit shardings and the state donated. Gradient accumulation is exact:
 the batch is split into k micro-batches, each contributes the gradient of its *summed* loss and its
 target count, and the sum is divided once by the total count — so k micro-batches equal one
-k-times larger batch however unevenly the targets fall.
+k-times larger batch however unevenly the targets fall. The preference steps (pjlm.train.preference)
+accumulate the same way over pairs: each micro-batch's loss summed over its pairs, divided once by
+the batch's pair count.
 """
 
 from __future__ import annotations
@@ -53,10 +55,11 @@ def accumulate_gradients(loss_sum_fn: Callable, params: Any, batch: dict, k: int
         return (jax.tree_util.tree_map(jnp.add, grads_acc, grads),
                 jax.tree_util.tree_map(jnp.add, metrics_acc, metrics)), None
 
+    micro = _micro_batches(batch, k)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    zero_metrics = {"loss_sum": jnp.zeros((), jnp.float32), "n_tokens": jnp.zeros((), jnp.float32),
-                    "loss": jnp.zeros((), jnp.float32)}
-    (grads, metrics), _ = jax.lax.scan(body, (zeros, zero_metrics), _micro_batches(batch, k))
+    _, aux = jax.eval_shape(loss_sum_fn, params, jax.tree_util.tree_map(lambda x: x[0], micro))
+    zero_metrics = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), aux)
+    (grads, metrics), _ = jax.lax.scan(body, (zeros, zero_metrics), micro)
     return grads, metrics
 
 

@@ -1,3 +1,4 @@
+import functools
 import json
 import math
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pjlm_testing import F32_DEEP, assert_close, clear_preferences
+from pjlm_testing import F32, F32_DEEP, assert_close, clear_preferences
 from pjlm import checkpoint as ckpt_lib
 from pjlm.config import PreferenceConfig, model_preset
 from pjlm.model import Transformer
@@ -62,6 +63,45 @@ def test_dpo_at_the_reference_is_log2_and_no_gradient_reaches_the_reference():
     g = jax.grad(lambda cc: preference.dpo_loss_fn(params, None, {**cached, "ref_chosen_logps": cc}, model=model,
                                                    cfg=cfg)[0])(c)
     assert float(jnp.abs(g).max()) == 0.0
+
+
+@pytest.mark.parametrize("phase", ["dpo", "dpo_cached", "reward"])
+def test_preference_gradient_accumulation_equals_the_large_batch(phase):
+    """k = 4 micro-batches of 2 pairs take the step one batch of 8 pairs takes: loss, metrics and
+    gradient summed over pairs, normalised once (plain SGD, so the parameters are as well-conditioned
+    as the gradients)."""
+    import optax
+
+    from pjlm.train.state import TrainState
+
+    model = Transformer(model_preset("tiny"), head="scalar" if phase == "reward" else "lm")
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    batch = _pair_batch(B=8, L=16, seed=3)
+    for side, n in (("chosen", [3, 9, 4, 12, 6, 2, 10, 5]), ("rejected", [7, 2, 11, 5, 3, 8, 4, 9])):
+        batch[side]["loss_mask"] = (np.arange(16)[None] >= 16 - np.array(n)[:, None]).astype(np.float32)
+    # center_coef gives the score head's bias a gradient (Bradley–Terry alone sees only differences)
+    cfg = PreferenceConfig(beta=0.1, nll_coef=0.0 if phase == "reward" else 0.2,
+                           center_coef=0.1 if phase == "reward" else 0.0)
+    tx, schedule = optax.sgd(0.1), optax.constant_schedule(0.1)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen={}, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(0))
+    ref = jax.tree_util.tree_map(lambda p: p + 0.01 * jnp.sign(p), params)  # not the policy: h ≠ 0
+    if phase == "reward":
+        step = lambda k: jax.jit(functools.partial(preference.reward_step, model=model, tx=tx, schedule=schedule,
+                                                   cfg=cfg, grad_accum=k))(state, batch)
+    else:
+        if phase == "dpo_cached":
+            c, r = preference.reference_logps(model, ref, batch)
+            batch, ref = {**batch, "ref_chosen_logps": c, "ref_rejected_logps": r}, None
+        step = lambda k: jax.jit(functools.partial(preference.dpo_step, model=model, tx=tx, schedule=schedule,
+                                                   cfg=cfg, grad_accum=k))(state, ref, batch)
+    (big, m1), (acc, m4) = step(1), step(4)
+    assert set(m4) == set(m1)
+    for key in m1:  # pair means through the model, summed in another order: F32_DEEP
+        assert_close(m4[key], m1[key], F32_DEEP, what=key)
+    assert float(m4["tokens"]) == float(m1["tokens"]) == 2 * 8 * 16
+    assert_close(acc.params, big.params, F32, what="params")  # p − lr·g: one elementwise op on F32_DEEP grads
+    assert float(jnp.abs(big.params["layers"]["attn"]["q"]["kernel"] - params["layers"]["attn"]["q"]["kernel"]).max()) > 0
 
 
 @pytest.mark.slow
