@@ -10,6 +10,13 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="pjlm-hf-home-"))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PJLM_HOME", tempfile.mkdtemp(prefix="pjlm-home-"))  # the import cache of `pjlm sft|dpo|…`
+# One persistent compilation cache for the session (and the runs it starts in subprocesses): the tests
+# compile the same tiny programs many times over, and XLA's CPU compile is most of a tiny run's time.
+# Keyed by the program, the compile options and the backend, so a hit is the executable a compile
+# would give; every compile is cached (no minimum time or size).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="pjlm-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
