@@ -10,10 +10,10 @@
 #
 # Arguments
 #   CONFIG.py   an experiments/*.py file, as a path relative to REPO (or absolute on the workers)
-#   WORKDIR     the run's work directory, the same path on every host, on storage all hosts share:
-#               a Cloud Storage bucket mounted with gcsfuse (e.g. /mnt/gcs/runs/x) or a Filestore/NFS
-#               mount. Orbax itself can write gs:// URLs, but pjlm's loop, metrics and tokenizer use
-#               local paths, so a bare gs://bucket/... is refused here; mount the bucket instead.
+#   WORKDIR     the run's work directory, the same on every host, on storage all hosts share: a
+#               Cloud Storage URL (gs://bucket/runs/x: checkpoints written by Orbax directly, pjlm's
+#               own files as whole objects; the workers need gcsfs, which INSTALL=1 adds), a bucket
+#               mounted with gcsfuse (e.g. /mnt/gcs/runs/x) or a Filestore/NFS mount.
 #   ...         passed on to `pjlm train` (e.g. --set optimizer.learning_rate=1e-3)
 #
 # Environment (read on this machine)
@@ -25,6 +25,8 @@
 #   XLA_ENV     flags file under launch/xla/ to source on the workers (default: tpu_v4.env)
 #   VENV        a virtualenv on the workers to activate first (default: none)
 #   PYTHON      interpreter on the workers (default: python3)
+#   INSTALL=1   first run `pip install -e '.[tpu]'` in REPO on every worker (the TPU jaxlib; a plain
+#               `pip install -e .` gives a CPU-only one); '.[tpu,gcs]' for a gs:// WORKDIR
 #   DRY_RUN=1   print the gcloud command instead of running it
 #
 # The script exports PJLM_DISTRIBUTED=1 on the workers, so pjlm calls jax.distributed.initialize().
@@ -41,11 +43,8 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}
 
 CONFIG=$1 WORKDIR=$2
 shift 2
-case "$WORKDIR" in
-  gs://*) echo "tpu_pod.sh: WORKDIR=$WORKDIR: pjlm writes its workdir through local paths; mount the bucket" \
-               "with gcsfuse on every worker and pass the mount point (e.g. /mnt/gcs/${WORKDIR#gs://})" >&2
-          exit 2 ;;
-esac
+EXTRAS=tpu
+[[ "$WORKDIR" == gs://* ]] && EXTRAS=tpu,gcs  # pjlm reaches gs:// through etils.epath and gcsfs
 REPO=${REPO:-'~/pjlm'}
 XLA_ENV=${XLA_ENV:-tpu_v4.env}
 PYTHON=${PYTHON:-python3}
@@ -60,6 +59,7 @@ extra=""
 for a in "$@"; do extra+=" $(q "$a")"; done
 remote="cd $(qpath "$REPO")"
 [[ -n "${VENV:-}" ]] && remote+=" && source $(qpath "$VENV")/bin/activate"
+[[ "${INSTALL:-0}" == 1 ]] && remote+=" && $(q "$PYTHON") -m pip install -q -e '.[$EXTRAS]'"
 remote+=" && source launch/xla/$(q "$XLA_ENV") && export PJLM_DISTRIBUTED=1"
 remote+=" && $(q "$PYTHON") -m pjlm train $(q "$CONFIG") --workdir $(q "$WORKDIR")$extra"
 

@@ -5,6 +5,10 @@ donate the buffers); every save first checks that the state is finite and record
 checksum in `meta`. Restores take an abstract target with shardings, so a checkpoint written on one
 mesh loads onto any other; they verify the checksums and finiteness, and a run falls back past a
 corrupt latest checkpoint to the newest intact one (`Checkpointer.restore_good`).
+
+Checkpoint directories are `pjlm.fileio` locations: local paths, file:// URLs or gs:// URLs (Orbax
+writes those itself, with a commit marker per step instead of a rename); pjlm reads the small files
+(meta, the step listing) through the same path objects.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
+from pjlm import fileio
 from pjlm.errors import CheckpointError, ConfigError  # CheckpointError re-exported: pjlm.checkpoint
-from pjlm.fileio import local_path
 
 
 
@@ -99,13 +103,13 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
         if keep < 1:
             raise ConfigError(f"train.keep_checkpoints={keep}; keep at least 1 checkpoint")
-        self.directory = Path(directory).absolute()
+        self.directory = fileio.location(directory, "checkpoint directory")
         self._keep, self._async = keep, async_save
         self._manager = self._open()
 
     def _open(self):
         return ocp.CheckpointManager(
-            self.directory,
+            fileio.orbax_path(self.directory, "checkpoint directory"),
             options=ocp.CheckpointManagerOptions(max_to_keep=self._keep, enable_async_checkpointing=self._async,
                                                  create=True),
             item_names=("params", "train", "meta"))
@@ -188,7 +192,7 @@ class Checkpointer:
             aside.mkdir(parents=True, exist_ok=True)
             for s in steps:
                 target = aside / f"{s}.{time.strftime('%Y%m%d-%H%M%S')}"
-                (self.directory / str(s)).rename(target)
+                fileio.move(self.directory / str(s), target)
                 if on_skip is not None:
                     on_skip(f"skipped checkpoint step {s} ({why}); moved to {target}")
         self._manager.close()
@@ -208,17 +212,25 @@ def _first_line(e: Exception) -> str:
 
 
 def checkpoint_steps(directory: str | Path) -> list[int]:
-    """The steps saved in a checkpoints directory (those with a params item), in order; [] if none."""
-    directory = Path(directory)
+    """The steps saved in a checkpoints directory (those with a params item, finalized: on gs:// a step
+    Orbax is still writing has no commit marker yet), in order; [] if none."""
+    directory = fileio.location(directory, "checkpoint")
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "params").exists())
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.name.isdigit() and (p / "params").exists() and _finalized(p))
+
+
+def _finalized(step_dir) -> bool:
+    if not fileio.is_remote(step_dir):
+        return True  # a step being written locally has a temporary name (Orbax renames it when done)
+    return ocp.path.step.is_path_finalized(fileio.orbax_path(step_dir, "checkpoint"))
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
     """A work directory (→ its latest checkpoint), a checkpoints directory, or a step directory; each
-    a local path or a file:// URL."""
-    path = local_path(path, "checkpoint").absolute()
+    a local path, a file:// URL or a remote (gs://) URL (see `pjlm.fileio.location`)."""
+    path = fileio.location(path, "checkpoint")
     for directory in (path / "checkpoints", path):
         steps = checkpoint_steps(directory)
         if steps:
@@ -247,7 +259,7 @@ def load_params(path: str | Path, params_target: Any) -> tuple[Any, dict]:
     checkpointer = ocp.Checkpointer(handler)
     where = f"checkpoint {directory / str(step)}"
     try:
-        out = checkpointer.restore(directory / str(step),
+        out = checkpointer.restore(fileio.orbax_path(directory / str(step), "checkpoint"),
                                    args=ocp.args.Composite(params=ocp.args.StandardRestore(params_target)))
     except Exception as e:
         raise CheckpointError(f"cannot load parameters from {where} ({type(e).__name__}: {_first_line(e)}); it "

@@ -5,6 +5,8 @@
         [--lora-rank R] [--steps N] [--config FILE] [--set section.field=value ...]   (pjlm/recipes.py)
     pjlm sample --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--samples K]
     pjlm plan CONFIG.py [--devices N] [--device h100] [--set section.field=value ...]   (pjlm/plan.py)
+    pjlm prepare CONFIG.py --workdir DATA_DIR [--workers N] [--set section.field=value ...]
+        (tokenize and pack the pre-training corpus once; train with --set data.prepared=DATA_DIR)
     pjlm import-hf SRC DST · pjlm export-hf --workdir DIR OUT   (see pjlm/hf/cli.py)
 
 A mistake the user can fix (`pjlm.errors.PjlmError`) prints one line and exits 2; a run stopped by
@@ -133,6 +135,31 @@ def _add_plan_command(sub) -> None:
     p.set_defaults(handler=_plan)
 
 
+def _prepare(args) -> int:
+    from pjlm.data.prepare import prepare
+
+    config = load_config(args.config, args.set or ())
+    directory = args.workdir or config.data.prepared
+    if not directory:
+        raise ConfigError("name the directory to prepare into: --workdir DATA_DIR (or set data.prepared)")
+    prepare(config, directory, workers=args.workers)
+    print(f"train on it with --set data.prepared={directory}")
+    return 0
+
+
+def _add_prepare_command(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize and pack a config's pre-training corpus once, streaming, into "
+                                       "ArrayRecord shards that training reads with data.prepared")
+    p.add_argument("config", help="an experiments/*.py file defining get_config() (its data section is used)")
+    p.add_argument("--workdir", default=None,
+                   help="the directory to write (default: the config's data.prepared); train with "
+                        "--set data.prepared=DIR")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizing processes (default: one per CPU this process may use)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.set_defaults(handler=_prepare)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="pjlm", description="Train and sample pjlm language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="the prompt is a user message: render it with the model's chat template and print replies")
     _add_phase_commands(sub)
     _add_plan_command(sub)
+    _add_prepare_command(sub)
     hf_cli.add_subcommands(sub)
     args = parser.parse_args(argv)
     try:

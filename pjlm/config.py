@@ -241,7 +241,9 @@ class OptimizerConfig:
     learning_rate: float = 3e-4
     """Peak learning rate, reached after `warmup_steps`; > 0."""
     warmup_steps: int = 100
-    """Linear warmup from 0; ≥ 0."""
+    """Linear warmup from 0; ≥ 0. Replaced by `warmup_ratio` when that is set."""
+    warmup_ratio: Optional[float] = None
+    """Warmup as a fraction of the run's steps (warmup = round(ratio · steps)); in [0, 1) or None."""
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay from the peak to `min_lr_ratio`·peak over the rest of the run."""
     min_lr_ratio: float = 0.1
@@ -312,6 +314,11 @@ class DataConfig:
     Blank lines only separate documents; they are never errors."""
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
     """SFT on a multi-turn conversation: the loss covers every assistant turn, or only the last."""
+    prepared: Optional[str] = None
+    """A directory made by `pjlm prepare` (the corpus tokenized and packed once, in ArrayRecord shards):
+    pre-training streams its rows through grain instead of tokenizing `source` in memory. The data
+    fields it was made from (source, seq_len, eval_rows, …) and its tokenizer must match this config's.
+    Pre-training only; None = the in-memory path."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +328,10 @@ class TrainConfig:
     phase: Literal["pretrain", "sft", "reward", "dpo", "ppo"] = "pretrain"
     """Which step to run."""
     steps: int = 1000
-    """Total optimizer steps; ≥ 1."""
+    """Total optimizer steps; ≥ 1. Replaced by `epochs` when that is set."""
+    epochs: Optional[float] = None
+    """Passes over the training data (fractions allowed): when set, `steps` becomes
+    ⌈epochs · steps per epoch⌉, counted on the tokenized (packed) data at the run's start; > 0 or None."""
     log_every: int = 10
     """Pull and write metrics every N steps; ≥ 1."""
     eval_every: int = 200
@@ -346,6 +356,11 @@ class TrainConfig:
     lease_timeout_s: float = 300.0
     """A run refreshes its lease on the work directory every tenth of this; a lease older than this is
     stale and a new run takes it over (> 0 seconds)."""
+    report_to: tuple[Literal["tensorboard", "wandb", "none"], ...] = ("tensorboard",)
+    """Where metrics go besides `metrics.jsonl` (always written), as Hugging Face's `report_to`:
+    "tensorboard", "wandb" (`pip install 'pjlm[wandb]'`; see `pjlm.wandb_log`), or "none" alone."""
+    wandb_project: Optional[str] = None
+    """The Weights & Biases project; None = $WANDB_PROJECT, else "pjlm"."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,6 +479,10 @@ class Config:
 
         self.model.validate()
         check_ranges(self)
+        if "wandb" in self.train.report_to:
+            from pjlm.wandb_log import require_wandb
+
+            require_wandb()
         if self.optimizer.grad_accum > 1 and self.train.phase == "ppo":
             raise ConfigError("optimizer.grad_accum > 1 does not apply to train.phase=ppo: its batch is split "
                               "by ppo.minibatches (and data.batch_size prompts × ppo.group_size samples)")

@@ -1,17 +1,17 @@
 """Throughput accounting (FLOPs per trained token, peak chip FLOP/s, tokens/s and model FLOP
-utilisation) and metric logging (metrics.jsonl, TensorBoard, a progress bar)."""
+utilisation) and metric logging (metrics.jsonl, TensorBoard, Weights & Biases, a progress bar)."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from pathlib import Path
 from typing import IO, Any, Optional
 
 import numpy as np
 
-from pjlm.config import ModelConfig
+from pjlm.config import Config, ModelConfig
+from pjlm import fileio
 from pjlm.fileio import write_atomic
 
 
@@ -137,7 +137,7 @@ class Throughput:
 
 
 # --------------------------------------------------------------------------------------------------
-# Metric logging: metrics.jsonl, TensorBoard, and a progress bar.
+# Metric logging: metrics.jsonl, TensorBoard, Weights & Biases, and a progress bar.
 
 METRICS_FILE = "metrics.jsonl"
 TEXT_FILE = "text.jsonl"
@@ -158,14 +158,23 @@ class MetricWriter:
     TensorBoard scalars under `workdir/tensorboard`, and a tqdm progress bar (`tqdm.auto`, so it
     renders in terminals and notebooks) showing step/total_steps, loss, tokens/s and tqdm's ETA.
 
+    Given the run's `config`, its `train.report_to` picks the backends beside metrics.jsonl (always
+    written): "tensorboard", "wandb" (`pjlm.wandb_log`: one wandb run per work directory, the training
+    step as its x-axis); without one, TensorBoard only. `tensorboard=False` turns TensorBoard off either way.
+
     With `is_main=False` every method is a no-op and no file or directory is created. TensorBoard
     events go through tensorboardX's writer thread, so they are flushed as soon as it has written
     them; `close()` (or leaving the `with` block) guarantees all of them are on disk.
+
+    A remote work directory (gs://) cannot be appended to: the files are written in a local staging
+    directory (`pjlm.fileio.Staging`; metrics.jsonl and text.jsonl pulled from the work directory
+    first) and uploaded by `sync()`, which the loop calls after each checkpoint, and at `close()`. A
+    crash loses the rows logged since the last checkpoint, which a resume logs again anyway.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, total_steps: int, is_main: bool = True,
-                 tensorboard: bool = True, progress: bool = True):
-        self.workdir = Path(workdir)
+                 tensorboard: bool = True, progress: bool = True, config: Optional[Config] = None):
+        self.workdir = fileio.location(workdir, "workdir")
         self.total_steps = int(total_steps)
         self.is_main = is_main
         self._progress = progress and is_main
@@ -173,17 +182,30 @@ class MetricWriter:
         self._file: Optional[IO[str]] = None
         self._text_file: Optional[IO[str]] = None
         self._tb: Any = None
+        self._wandb: Any = None
+        self._staging: Optional[fileio.Staging] = None
         if not is_main:
             return
+        report_to = ("tensorboard",) if config is None else config.train.report_to
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.workdir / METRICS_FILE, "a", encoding="utf-8")
-        if tensorboard:
+        if "wandb" in report_to:  # first: nothing else is open yet if it fails
+            from pjlm.wandb_log import require_wandb
+
+            require_wandb()
+        self._staging = fileio.Staging(self.workdir, pull=(METRICS_FILE, TEXT_FILE), exclude=("wandb",))
+        local = self._staging.local
+        if "wandb" in report_to:  # wandb keeps its own files beside the staged ones, never uploaded
+            from pjlm.wandb_log import WandbRun
+
+            self._wandb = WandbRun(self.workdir, config, local_dir=local)
+        self._file = open(local / METRICS_FILE, "a", encoding="utf-8")
+        if tensorboard and "tensorboard" in report_to:
             from tensorboardX import SummaryWriter  # imported here: pulls in protobuf
 
             # tensorboardX names event files by the second and the host, so a writer reopened
             # within the same second (a fast resume) would truncate the last one: add a suffix.
             suffix = f".{os.getpid()}.{time.time_ns()}"
-            self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR), filename_suffix=suffix)
+            self._tb = SummaryWriter(str(local / TENSORBOARD_DIR), filename_suffix=suffix)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Log `metrics` (name → scalar) at `step`."""
@@ -197,6 +219,8 @@ class MetricWriter:
             for name, v in values.items():
                 self._tb.add_scalar(name, v, int(step))
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(int(step), values)
         self._update_bar(int(step), values)
 
     def write_text(self, step: int, tag: str, text: str) -> None:
@@ -205,7 +229,7 @@ class MetricWriter:
         if not self.is_main:
             return
         if self._text_file is None:
-            self._text_file = open(self.workdir / TEXT_FILE, "a", encoding="utf-8")
+            self._text_file = open(self._staging.local / TEXT_FILE, "a", encoding="utf-8")
         self._text_file.write(json.dumps({"step": int(step), "tag": tag, "text": text}) + "\n")
         self._text_file.flush()
         if self._tb is not None:
@@ -234,6 +258,15 @@ class MetricWriter:
         else:
             self._bar.refresh()
 
+    def sync(self) -> None:
+        """Make what was logged so far durable in the work directory: for a remote one, upload the
+        staged files that changed (locally the files are flushed at every write already)."""
+        if self._staging is None or not fileio.is_remote(self.workdir):
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        self._staging.push()
+
     def close(self) -> None:
         """Flush and close every output; safe to call twice."""
         if self._bar is not None:
@@ -242,10 +275,16 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
         for f in (self._file, self._text_file):
             if f is not None:
                 f.close()
         self._file = self._text_file = None
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
 
     def __enter__(self) -> "MetricWriter":
         return self
@@ -261,7 +300,7 @@ def truncate_metrics(workdir: str | os.PathLike, step: int) -> int:
     """Before a resume from checkpoint `step`: drop the rows of `metrics.jsonl` logged after it (the
     resumed run logs those steps again), moving them to `metrics.superseded.jsonl` so nothing is lost;
     a truncated last line goes with them. Returns how many rows were moved."""
-    path = Path(workdir) / METRICS_FILE
+    path = fileio.location(workdir, "workdir") / METRICS_FILE
     if not path.exists():
         return 0
     keep, moved = [], []
@@ -274,8 +313,8 @@ def truncate_metrics(workdir: str | os.PathLike, step: int) -> int:
             later = True
         (moved if later else keep).append(line)
     if moved:
-        with open(Path(workdir) / SUPERSEDED_FILE, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps({"resumed_from": step, "row": row}) + "\n" for row in moved))
+        fileio.append_text(path.parent / SUPERSEDED_FILE,
+                           "".join(json.dumps({"resumed_from": step, "row": row}) + "\n" for row in moved))
         write_atomic(path, "".join(row + "\n" for row in keep))
     return len(moved)
 
@@ -283,7 +322,7 @@ def truncate_metrics(workdir: str | os.PathLike, step: int) -> int:
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of `workdir/metrics.jsonl`, in order. A truncated last line (a crash in the
     middle of a write) is skipped; a malformed line anywhere else raises."""
-    lines = (Path(workdir) / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    lines = (fileio.location(workdir, "workdir") / METRICS_FILE).read_text(encoding="utf-8").splitlines()
     records = []
     for i, line in enumerate(lines):
         if not line.strip():

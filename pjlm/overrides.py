@@ -112,9 +112,12 @@ def _set(obj, path: list[str], value: str, full_key: str):
 
 
 def _a_choice(t, text: str) -> bool:
-    """Whether `text` is itself one of a Literal field's choices (model.remat=none means "none")."""
+    """Whether `text` is itself one of a Literal field's choices (model.remat=none means "none"), or of
+    a tuple-of-Literal field's items (train.report_to=none means ("none",))."""
     if typing.get_origin(t) is typing.Union:
         return any(_a_choice(a, text) for a in typing.get_args(t) if a is not type(None))
+    if typing.get_origin(t) is tuple:
+        return _a_choice(typing.get_args(t)[0], text)
     return typing.get_origin(t) is Literal and text in typing.get_args(t)
 
 

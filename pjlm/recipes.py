@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import re
 import shutil
 import uuid
@@ -25,6 +24,7 @@ from typing import Optional, Sequence
 from pjlm.config import (Config, DataConfig, LoraConfig, MeshConfig, ModelConfig, OptimizerConfig,
                          PreferenceConfig, TrainConfig, apply_overrides, to_dict)
 from pjlm.errors import ConfigError
+from pjlm.fileio import cache_dir, local_path, url_scheme
 
 PHASES = ("sft", "reward", "dpo", "ppo")
 
@@ -52,7 +52,7 @@ RECIPES = {
 
 
 def pjlm_home() -> Path:
-    return Path(os.environ.get("PJLM_HOME") or Path.home() / ".cache" / "pjlm")
+    return cache_dir()
 
 
 def _is_work_directory(path: Path) -> bool:
@@ -119,7 +119,12 @@ def resolve_model(model: str) -> tuple[str, ModelConfig]:
     """`--model`'s checkpoint to start from (`train.init_from`) and its model config."""
     from pjlm.hf.convert import model_config_of
 
-    path = Path(model).expanduser()
+    if url_scheme(model) not in (None, "file"):  # a pjlm work directory on remote storage (gs://…)
+        if _is_work_directory(model):
+            return model, model_config_of(model)
+        raise ConfigError(f"--model {model} is not a pjlm work directory (checkpoints/); a Hugging Face model is "
+                          "imported from a local directory or the Hub")
+    path = local_path(model, "--model").expanduser()
     if path.exists():
         if _is_work_directory(path):
             return str(path.absolute()), model_config_of(path)

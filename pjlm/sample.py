@@ -11,6 +11,7 @@ from pjlm import evaluate
 from pjlm.data.pipeline import saved_tokenizer
 from pjlm.data.tokenizer import Tokenizer, load_tokenizer
 from pjlm.errors import ConfigError
+from pjlm.fileio import location
 from pjlm.model import Transformer
 
 
@@ -19,11 +20,11 @@ def load_for_sampling(workdir: str | Path) -> tuple[Transformer, Any, Tokenizer]
     run's adapters merged into their base) and its tokenizer."""
     model, params, config = evaluate.load_policy(workdir)
     # The run's own copy first (the configured path may be on another machine), else the configured one.
-    copy = saved_tokenizer(Path(workdir))
+    copy = saved_tokenizer(location(workdir, "workdir"))
     if copy is None and not config.data.tokenizer:
         raise ckpt_lib.CheckpointError(f"{workdir} holds no tokenizer.model or tokenizer.json and its run "
                                        "names no data.tokenizer; copy the run's tokenizer into it")
-    tokenizer = load_tokenizer(Path(workdir) if copy else config.data.tokenizer)
+    tokenizer = load_tokenizer(location(workdir, "workdir") if copy else config.data.tokenizer)
     meta = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(workdir))
     if tokenizer.fingerprint() != meta.get("tokenizer", tokenizer.fingerprint()):
         raise ckpt_lib.CheckpointError(f"the tokenizer found for {workdir} is not the one its checkpoint was "

@@ -32,7 +32,7 @@ from pjlm import checkpoint as ckpt_lib
 from pjlm import lora, sharding
 from pjlm.config import Config, from_dict
 from pjlm.errors import CheckpointError, ConfigError
-from pjlm.fileio import local_path
+from pjlm.fileio import location
 from pjlm.model import Transformer
 from pjlm.rewards import RewardInput
 from pjlm.train.ppo_steps import sequence_layout
@@ -178,7 +178,7 @@ def load_reward_model(checkpoint: str | Path, mesh, *, name: str = "reward_model
 
 def run_name(path: str | Path) -> str:
     """The work directory's name of a checkpoint path (a work directory, its checkpoints/ or a step)."""
-    path = local_path(path, "checkpoint").absolute()
+    path = location(path, "checkpoint")
     if path.name.isdigit():
         path = path.parent
     return _workdir_of(path).name

@@ -206,6 +206,10 @@ def test_two_processes_reach_the_one_process_loss(launched):
           f"{[(m1['loss'], m2['loss']) for m1, m2 in zip(ref, got)]}")
     _assert_same_run(one, two, ("loss", "grad_norm"), STEPS, "pre-training")
     assert ref[-1]["loss"] < ref[0]["loss"]  # it trained
+    # Process 0 alone says what the run is and shows progress.
+    logs = [(launched.tmp / "logs-two" / f"process{i}.log").read_text() for i in range(2)]
+    assert "pjlm: pretrain on cpu: 2 process(es), 8 device(s)" in logs[0] and "step/s" in logs[0]
+    assert "pjlm: pretrain on" not in logs[1] and "step/s" not in logs[1] and "%|" not in logs[1]
 
 
 @pytest.mark.slow
@@ -380,4 +384,23 @@ def test_launch_scripts(tmp_path):
                       "--workdir /mnt/gcs/runs/a\\ b --set train.steps=20")
     assert "gcloud compute tpus tpu-vm ssh my-v4-32 --zone us-central2-b --worker=all" in out.stdout
     out = _bash("bash launch/tpu_pod.sh experiments/pretrain_synthetic.py gs://bucket/run", env)
-    assert out.returncode == 2 and "gcsfuse" in out.stderr
+    assert out.returncode == 0 and "--workdir gs://bucket/run" in out.stdout, out.stderr
+    env.update(INSTALL="1")  # a gs:// work directory needs gcsfs on the workers: the gcs extra
+    out = _bash("bash launch/tpu_pod.sh experiments/pretrain_synthetic.py gs://bucket/run", env)
+    assert out.returncode == 0 and "-m pip install -q -e '.[tpu,gcs]' &&" in out.stdout, out.stderr
+    env.update(INSTALL="1")
+    out = _bash("bash launch/tpu_pod.sh experiments/pretrain_synthetic.py /mnt/gcs/runs/a", env)
+    assert out.returncode == 0 and "&& python3 -m pip install -q -e '.[tpu]' && source launch/xla" in out.stdout
+
+
+def test_accelerator_extras_name_extras_of_jax():
+    """pjlm[tpu], pjlm[cuda], pjlm[cuda13] pull jax with an extra the installed jax declares (a
+    misspelt extra makes pip warn and install a CPU-only jaxlib)."""
+    import tomllib
+    from importlib import metadata
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    provided = set(metadata.metadata("jax").get_all("Provides-Extra"))
+    for name, want in (("tpu", "tpu"), ("cuda", "cuda12"), ("cuda13", "cuda13")):
+        (requirement,) = extras[name]
+        assert requirement.startswith(f"jax[{want}]") and want in provided, (name, requirement)

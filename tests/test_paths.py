@@ -1,8 +1,9 @@
-"""Paths a user gives: local paths and file:// URLs name the same place; other URLs are refused with
-what to do instead, before anything is written."""
+"""Paths a user gives: local paths and file:// URLs name the same place; a URL of a scheme neither local
+nor known to etils.epath is refused, before anything is written (remote storage: tests/test_storage.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,11 +12,11 @@ import pytest
 from pjlm_testing import tiny_config
 from pjlm import checkpoint as ckpt_lib
 from pjlm.errors import ConfigError
-from pjlm.fileio import local_path, url_scheme
+from pjlm.fileio import local_path, location, url_scheme
 from pjlm.train import loop
 
 
-def test_local_path_maps_file_urls_and_refuses_remote_ones(tmp_path):
+def test_local_path_maps_file_urls_and_location_refuses_unknown_schemes(tmp_path):
     assert local_path("runs/a") == Path("runs/a") and url_scheme("runs/a") is None
     assert local_path(tmp_path) == tmp_path
     assert local_path(f"file://{tmp_path}/run") == tmp_path / "run"
@@ -24,8 +25,17 @@ def test_local_path_maps_file_urls_and_refuses_remote_ones(tmp_path):
     assert url_scheme("GS://bucket/x") == "gs"
     with pytest.raises(ConfigError, match=r"file://.*not on host 'otherhost'"):
         local_path("file://otherhost/data", "workdir")
-    with pytest.raises(ConfigError, match=r"workdir='gs://bucket/run': gs:// storage is not supported.*mount"):
-        local_path("gs://bucket/run", "workdir")
+    with pytest.raises(ConfigError, match=r"data.prepared='gs://bucket/d': gs:// is not supported here; "
+                                          r"data.prepared must be on this machine"):
+        local_path("gs://bucket/d", "data.prepared")
+    assert location(f"file://{tmp_path}/run") == tmp_path / "run" and location("runs/a") == Path("runs/a").absolute()
+    if importlib.util.find_spec("gcsfs") is None:  # epath reaches gs:// through gcsfs
+        with pytest.raises(ConfigError, match=r"workdir='gs://bucket/run': gs:// storage needs the gcsfs package"):
+            location("gs://bucket/run", "workdir")
+    else:
+        assert str(location("gs://bucket/run")) == "gs://bucket/run"
+    with pytest.raises(ConfigError, match=r"workdir='nosuch://bucket/run': pjlm does not know nosuch:// storage"):
+        location("nosuch://bucket/run", "workdir")
 
 
 def test_a_file_url_workdir_and_init_from_are_the_local_directories(tmp_path, monkeypatch):
@@ -44,6 +54,6 @@ def test_a_file_url_workdir_and_init_from_are_the_local_directories(tmp_path, mo
              f"file://{tmp_path}/sft")
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("file:")]
 
-    with pytest.raises(ConfigError, match="gs:// storage is not supported"):
-        loop.run(base, "gs://bucket/run")
+    with pytest.raises(ConfigError, match="pjlm does not know nosuch:// storage"):
+        loop.run(base, "nosuch://bucket/run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "sft"]

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import datasets
 import numpy as np
 
+from pjlm.data import packing
 from pjlm.data.tokenizer import Tokenizer
 from pjlm.errors import DataError
 
@@ -90,10 +91,7 @@ def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, schema: str, *, max_len
     chat_eos = [] if tokenizer.chat_template else eos  # a template's end-of-turn marker ends the sequence
 
     def text_fn(batch):
-        if "messages" in batch:
-            ids = [tokenizer.encode_chat(json.loads(m))[0] + chat_eos for m in batch["messages"]]
-        else:
-            ids = [bos + x + eos for x in tokenizer.encode_batch(batch["text"])]
+        ids = packing.encode_documents(tokenizer, batch, add_bos=add_bos)
         return {"ids": ids, "length": [len(x) for x in ids], "truncated": [False] * len(ids)}
 
     def sft_rows(batch):
@@ -184,53 +182,19 @@ def pack(ds: datasets.Dataset, seq_len: int, *, split_documents: bool = True, pa
     """Tokenized rows (`ids`, optional `mask`) → rows of exactly `seq_len` tokens with `tokens`,
     `segment_ids` (1, 2, … per piece; 0 = padding), `positions` (restarting per piece) and `loss_mask`.
 
-    Greedy, in order, within each map batch; with `split_documents` a document that does not fit
+    Greedy, in order, within each group of `packing.GROUP` rows (`packing.pack_documents`, which
+    `pjlm prepare` runs on the same groups); with `split_documents` a document that does not fit
     continues in the next row (pre-training: no token is lost), otherwise it starts a new row (SFT:
     an example stays whole; rows longer than `seq_len` are an error, truncate first).
     """
     def fn(batch):
-        rows = {k: [] for k in ("tokens", "segment_ids", "positions", "loss_mask")}
-        row = _empty_row(seq_len, pad_id)
-        fill, segment = 0, 0
-        masks = batch.get("mask") or [None] * len(batch["ids"])
-        for ids, mask in zip(batch["ids"], masks):
-            mask = mask if mask is not None else [1] * len(ids)
-            if not split_documents and len(ids) > seq_len:
-                raise DataError(f"a row of {len(ids)} tokens does not fit seq_len={seq_len}; tokenize with "
-                                f"max_len <= {seq_len}")
-            start = 0
-            while start < len(ids):
-                room = seq_len - fill
-                if room == 0 or (not split_documents and len(ids) > room):
-                    _emit(rows, row)
-                    row, fill, segment = _empty_row(seq_len, pad_id), 0, 0
-                    continue
-                take = min(room, len(ids) - start)
-                segment += 1
-                row["tokens"][fill:fill + take] = ids[start:start + take]
-                row["segment_ids"][fill:fill + take] = segment
-                row["positions"][fill:fill + take] = np.arange(take)
-                row["loss_mask"][fill:fill + take] = mask[start:start + take]
-                row["loss_mask"][fill] = 0  # the first token of a segment has nothing to be predicted from
-                fill, start = fill + take, start + take
-        if fill:
-            _emit(rows, row)
-        return rows
+        return packing.pack_documents(batch["ids"], seq_len, masks=batch.get("mask"),
+                                      split_documents=split_documents, pad_id=pad_id)
 
     features = datasets.Features({"tokens": _INT_LIST, "segment_ids": _INT_LIST, "positions": _INT_LIST,
                                   "loss_mask": datasets.Sequence(datasets.Value("float32"))})
-    return ds.map(fn, batched=True, remove_columns=ds.column_names, features=features, desc="packing",
-                  new_fingerprint=_fingerprint(ds, "pack", seq_len, split_documents, pad_id))
-
-
-def _empty_row(seq_len: int, pad_id: int) -> dict:
-    return {"tokens": np.full(seq_len, pad_id, np.int32), "segment_ids": np.zeros(seq_len, np.int32),
-            "positions": np.zeros(seq_len, np.int32), "loss_mask": np.zeros(seq_len, np.float32)}
-
-
-def _emit(rows: dict, row: dict) -> None:
-    for k, v in row.items():
-        rows[k].append(v)
+    return ds.map(fn, batched=True, batch_size=packing.GROUP, remove_columns=ds.column_names, features=features,
+                  desc="packing", new_fingerprint=_fingerprint(ds, "pack", seq_len, split_documents, pad_id))
 
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, example_ids: np.ndarray) -> None:

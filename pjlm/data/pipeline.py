@@ -1,7 +1,13 @@
-"""From a `DataConfig` to a tokenizer and train/eval `Batcher`s: the data side of a run."""
+"""From a `DataConfig` to a tokenizer and train/eval `Batcher`s: the data side of a run.
+
+`load_data` is the entry point: rows read and normalised in memory (`load_rows`), tokenized and
+packed into `Batcher`s (`make_batcher`); or, for pre-training with `data.prepared`, rows made once
+by `pjlm prepare` and streamed from disk (`pjlm.data.prepared`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -11,11 +17,11 @@ import datasets
 import jax
 
 from pjlm.config import DataConfig
-from pjlm.data import batching, formats, sources, synthetic
+from pjlm.data import batching, formats, prepared, sources, synthetic
 from pjlm.data.loader import Batcher
 from pjlm.data.tokenizer import ChatTemplate, SentencePieceTokenizer, Tokenizer, load_tokenizer
 from pjlm.errors import CheckpointError, ConfigError, DataError
-from pjlm.fileio import local_path
+from pjlm import fileio
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")
@@ -106,11 +112,12 @@ def _texts_for_tokenizer(rows: datasets.Dataset, schema: str, limit: int = 20000
 
 
 def saved_tokenizer(directory: Path) -> Optional[Path]:
-    """The tokenizer a run saved in its work directory, if any."""
+    """The tokenizer a run saved in its work directory (local or remote), if any."""
+    directory = fileio.location(directory, "workdir")
     return next((directory / f for f in TOKENIZER_FILES if (directory / f).exists()), None)
 
 
-def _train_tokenizer(rows: datasets.Dataset, schema: str, vocab_size: int) -> Tokenizer:
+def train_tokenizer(rows: datasets.Dataset, schema: str, vocab_size: int) -> Tokenizer:
     """A sentencepiece BPE on the training rows; a vocabulary the corpus cannot fit names the field."""
     try:
         return SentencePieceTokenizer.train(_texts_for_tokenizer(rows, schema), vocab_size=vocab_size)
@@ -127,19 +134,20 @@ def get_tokenizer(cfg: DataConfig, workdir: Path, rows: datasets.Dataset, schema
     """The configured tokenizer; else the run's saved one; else `init_from`'s; else train one here.
     Whichever it is, a copy is kept in the work directory (tokenizer.model, or tokenizer.json and its
     special tokens), so a resumed run, `pjlm sample` and later phases find the same one."""
+    workdir = fileio.location(workdir, "workdir")
     saved = load_tokenizer(workdir) if saved_tokenizer(workdir) else None
     if cfg.tokenizer:
-        tokenizer = load_tokenizer(local_path(cfg.tokenizer, "data.tokenizer"))
+        tokenizer = load_tokenizer(fileio.location(cfg.tokenizer, "data.tokenizer"))
         if saved is not None and saved.fingerprint() != tokenizer.fingerprint():
             raise CheckpointError(f"data.tokenizer={cfg.tokenizer} is not the tokenizer saved in {workdir} "
                                   f"({saved_tokenizer(workdir).name}, which this run was started with); a run's "
                                   "tokenizer is never replaced: drop data.tokenizer to resume, or use a new --workdir")
     elif saved is not None:
         return saved
-    elif init_from and saved_tokenizer(init_dir := local_path(init_from, "train.init_from")):
+    elif init_from and saved_tokenizer(init_dir := fileio.location(init_from, "train.init_from")):
         tokenizer = load_tokenizer(init_dir)  # its tokenizer.model, else its tokenizer.json
     else:
-        tokenizer = _train_tokenizer(rows, schema, cfg.tokenizer_vocab_size)
+        tokenizer = train_tokenizer(rows, schema, cfg.tokenizer_vocab_size)
     # Every process trains the same tokenizer (deterministic: same rows, one thread), so none has to
     # wait for another's file; only process 0 writes it, and only into a work directory without one.
     if jax.process_index() == 0 and saved is None:
@@ -164,3 +172,52 @@ def make_batcher(rows: datasets.Dataset, schema: str, cfg: DataConfig, tokenizer
         packed = batching.pack(ids, cfg.seq_len, split_documents=schema == "text", pad_id=tokenizer.pad_id)
         return Batcher(packed, "packed", **common), stats
     return Batcher(ids, schema, buckets=buckets, **common), stats
+
+
+@dataclasses.dataclass
+class RunData:
+    """A run's data before its batchers exist (the tokenizer decides the model's vocabulary first)."""
+
+    tokenizer: Tokenizer
+    stats: dict
+    fingerprint: Optional[str]
+    """The prepared directory's identity; None: the run fingerprints data.source itself."""
+    schema: str = "text"
+    rows: Optional[datasets.Dataset] = None
+    eval_rows: Optional[datasets.Dataset] = None
+    prepared: Optional[prepared.Prepared] = None
+
+    def batchers(self, cfg: DataConfig, vocab_size: int, *, evaluate: bool, process_index: int = 0,
+                 process_count: int = 1) -> tuple:
+        """(train, held-out or None) batchers; the held-out one only when `evaluate`. Held-out batches
+        are drawn with seed 0, so every evaluation sees the same rows."""
+        where = dict(vocab_size=vocab_size, process_index=process_index, process_count=process_count)
+        if self.prepared is not None:
+            train = self.prepared.batcher("train", global_batch_size=cfg.batch_size, seed=cfg.seed, **where)
+            held_out = self.prepared.batcher("eval", global_batch_size=cfg.batch_size, seed=0, **where) \
+                if evaluate else None
+            return train, held_out
+        where = dict(where, batch_size=cfg.batch_size)
+        train, tok_stats = make_batcher(self.rows, self.schema, cfg, self.tokenizer, seed=cfg.seed, **where)
+        self.stats.update({f"tokenize_{k}": v for k, v in tok_stats.items()})
+        held_out = None
+        if self.eval_rows is not None and evaluate:
+            held_out, _ = make_batcher(self.eval_rows, self.schema, cfg, self.tokenizer, seed=0, **where)
+        return train, held_out
+
+
+def load_data(cfg: DataConfig, phase: str, workdir: Path, init_from: Optional[str] = None) -> RunData:
+    """The rows and tokenizer of a run: `data.prepared`'s for pre-training when set (checked against
+    the config; its tokenizer is the run's), else `data.source` read into memory."""
+    if not cfg.prepared:
+        rows, eval_rows, schema, stats = load_rows(cfg, phase)
+        tokenizer = get_tokenizer(cfg, workdir, rows, schema, init_from)
+        return RunData(tokenizer, stats, None, schema, rows, eval_rows)
+    if phase != "pretrain":
+        raise ConfigError(f"data.prepared={cfg.prepared} holds pre-training rows, but train.phase={phase} reads "
+                          "data.source in memory; unset data.prepared")
+    data = prepared.open_prepared(cfg)
+    tokenizer = get_tokenizer(dataclasses.replace(cfg, tokenizer=cfg.tokenizer or str(data.directory)), workdir,
+                              None, "text")
+    data.check_tokenizer(tokenizer, cfg)
+    return RunData(tokenizer, data.stats(), data.fingerprint, prepared=data)

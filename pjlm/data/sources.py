@@ -22,13 +22,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import datasets
 
 from pjlm.data import formats
 from pjlm.errors import DataError  # re-exported: pjlm.data.sources.DataError
-from pjlm.fileio import local_path, url_scheme
+from pjlm import fileio
 
 Schema = Literal["text", "sft", "preference", "prompts"]
 SCHEMAS = formats.KINDS
@@ -56,24 +56,69 @@ def read_source(source: str | os.PathLike | Sequence[str], *, split: str = "trai
     (zero unless `on_error="skip"`). Pass the second to `normalize(..., skipped=)` to count them.
     A Hub dataset is `load_dataset(name, subset, split=split, revision=revision)`; local files are
     one split. `text_unit`: a text file's documents are its lines, paragraphs, or the whole file."""
+    paths = _source_paths(source, on_error, text_unit)
+    if all(p.exists() for p in paths):
+        return _read_files(paths, on_error, text_unit)
+    return _load_hub(paths, split, subset, revision), dict.fromkeys(_SKIP_REASONS, 0)
+
+
+@contextlib.contextmanager
+def stream_source(source: str | os.PathLike | Sequence[str], *, split: str = "train", subset: Optional[str] = None,
+                  revision: Optional[str] = None, text_unit: str = "line",
+                  on_error: str = "raise") -> Iterator[tuple[datasets.IterableDataset, dict]]:
+    """`read_source` without loading: `with stream_source(...) as (rows, skipped):` gives the rows as a
+    `datasets.IterableDataset` read as it is iterated (`streaming=True`, for local files and Hub
+    datasets alike: nothing is downloaded or cached whole), so memory does not grow with the data.
+    Local files are checked first as `read_source` checks them, each in one pass at constant memory;
+    JSON files also line by line, since a stream cannot go back to find a bad line. (A JSON document
+    — a list — is parsed whole: give a large corpus as JSON lines, parquet or text.) `skipped` is
+    complete when the stream starts."""
+    paths = _source_paths(source, on_error, text_unit)
+    if not all(p.exists() for p in paths):
+        yield _load_hub(paths, split, subset, revision, streaming=True), dict.fromkeys(_SKIP_REASONS, 0)
+        return
+    builder = _builder_of(paths)
+    skipped = dict.fromkeys(_SKIP_REASONS, 0)
+    with tempfile.TemporaryDirectory(prefix="pjlm-data-") as tmp:
+        files = [_prescan(p, builder, on_error, skipped, Path(tmp)) for p in paths]
+        if builder == "json":  # a file _prescan rewrote has had its lines checked already
+            files = [_diagnose_json(p, on_error, skipped, Path(tmp)) if f == p else f for f, p in zip(files, paths)]
+        yield _load(builder, files, paths, skipped, text_unit, streaming=True), skipped
+
+
+def _source_paths(source: str | os.PathLike | Sequence[str], on_error: str, text_unit: str) -> list[Path]:
     _check_on_error(on_error)
     if text_unit not in TEXT_UNITS:
         raise DataError(f"data.text_unit={text_unit!r}; choose {', '.join(TEXT_UNITS)}")
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-    paths = [local_path(p, "data.source") if url_scheme(p) == "file" else Path(p) for p in items if str(p).strip()]
+    paths = [_local_file(p) for p in items if str(p).strip()]
     if not paths:
         raise DataError("data.source is empty; name local data files (comma-separated) or a Hub dataset")
-    if all(p.exists() for p in paths):
-        return _read_files(paths, on_error, text_unit)
+    return paths
+
+
+def _local_file(source: str | os.PathLike) -> Path:
+    """A local path as given; a file:// URL's path; a remote URL's (gs://, …) local copy."""
+    if fileio.url_scheme(source) is None:
+        return Path(source)
+    try:
+        return fileio.fetch(source, "data.source")
+    except FileNotFoundError:
+        raise MissingDataFile(f"no such data file: {source}; fix the path in data.source") from None
+
+
+def _load_hub(paths: list[Path], split: str, subset: Optional[str], revision: Optional[str], *,
+              streaming: bool = False):
+    """A Hub dataset, when `paths` is one name that is no local file; else the missing files' error."""
     name = str(paths[0])
     if len(paths) == 1 and not name.startswith((".", "/", "~")) and paths[0].suffix.lower() not in _BUILDERS:
         try:
-            ds = datasets.load_dataset(name, subset, split=split, revision=revision)
+            return datasets.load_dataset(name, subset, split=split, revision=revision,
+                                         **({"streaming": True} if streaming else {}))
         except Exception as e:
             raise DataError(f"cannot load {name!r} as a Hub dataset ({_root_cause(e)}); check data.source, "
                             "data.subset, data.split and data.revision: a local file must exist, a Hub name needs "
                             "the network or a cached copy") from e
-        return ds, dict.fromkeys(_SKIP_REASONS, 0)
     missing = ", ".join(str(p) for p in paths if not p.exists())
     raise MissingDataFile(f"no such data file: {missing}; fix the path in data.source")
 
@@ -157,7 +202,8 @@ def _skipped_lines(skipped: dict) -> list[str]:
 # Reading local files: check what `datasets` would choke on (or silently accept, like invalid UTF-8
 # past its first block), so the error names the file and the place.
 
-_CHUNK = 1 << 24
+_CHUNK = 1 << 20
+_STREAM_CHUNK = 1 << 20  # bytes of a JSON or text file a stream parses at a time (datasets reads 10 MiB)
 
 
 def _read_files(paths: list[Path], on_error: str, text_unit: str = "line") -> tuple[datasets.Dataset, dict]:
@@ -185,21 +231,27 @@ def _builder_of(paths: list[Path]) -> str:
 
 
 def _load(builder: str, files: list[Optional[Path]], paths: list[Path], skipped: dict,
-          text_unit: str = "line") -> datasets.Dataset:
+          text_unit: str = "line", streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
     """Files that kept no line (None) are left out; none at all is an error naming what was dropped."""
     kept = [str(f) for f in files if f is not None]
     if not kept:
         raise DataError(f"no usable rows in {', '.join(map(str, paths))} ({sum(skipped.values())} skipped: "
                         f"{', '.join(_skipped_lines(skipped))}); fix the data")
     options = {"features": _csv_text_features(kept[0])} if builder == "csv" else {}
+    if streaming:
+        options["streaming"] = True
+        if builder in ("json", "text"):
+            options["chunksize"] = _STREAM_CHUNK
     if builder == "text":
         options["sample_by"] = _SAMPLE_BY[text_unit]
     ds = datasets.load_dataset(builder, data_files=kept, split="train", **options)
     if builder == "text":  # blank lines separate documents; they are never documents themselves
+        desc = (lambda what: {}) if streaming else (lambda what: {"desc": what})  # a stream has no progress bar
         if text_unit == "paragraph":  # a run of 3+ newlines leaves newlines at a paragraph's ends
             ds = ds.map(lambda batch: {"text": [t.strip("\r\n") for t in batch["text"]]}, batched=True,
-                        desc="trimming paragraphs")
-        ds = ds.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True, desc="dropping blank lines")
+                        **desc("trimming paragraphs"))
+        ds = ds.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True,
+                       **desc("dropping blank lines"))
     return ds
 
 

@@ -30,10 +30,11 @@ import hashlib
 import io
 import json
 import os
-from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import sentencepiece as spm
+
+from pjlm.fileio import location
 
 # Chat role markers; trained tokenizers hold them as user-defined symbols (one id each).
 CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -142,13 +143,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
-        return cls(Path(path).read_bytes())
+        return cls(location(path, "tokenizer").read_bytes())
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_bytes(self._proto)
+        location(path, "tokenizer").write_bytes(self._proto)
 
     def save_to(self, directory: str | os.PathLike) -> None:
-        self.save(Path(directory) / "tokenizer.model")
+        self.save(location(directory, "tokenizer directory") / "tokenizer.model")
 
     @classmethod
     def train(cls, texts: Iterable[str] = (), *, files: Sequence[str | os.PathLike] = (), vocab_size: int = 2048,
@@ -231,7 +232,7 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HFTokenizer":
         """`path` is a tokenizer.json or a directory holding one (and maybe tokenizer_config.json)."""
-        path = Path(path)
+        path = location(path, "tokenizer")
         directory = path if path.is_dir() else path.parent
         json_path = path / "tokenizer.json" if path.is_dir() else path
         names, special, template = {}, {}, None
@@ -250,7 +251,7 @@ class HFTokenizer(Tokenizer):
 
     def save_to(self, directory: str | os.PathLike) -> None:
         """tokenizer.json as it was read, and a tokenizer_config.json naming the special tokens in use."""
-        directory = Path(directory)
+        directory = location(directory, "tokenizer directory")
         (directory / "tokenizer.json").write_text(self._json, encoding="utf-8")
         names = {f"{k}_token": self._tok.id_to_token(i) for k, i in
                  (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)) if i is not None}
@@ -305,8 +306,9 @@ def _template_of(value) -> Optional[str]:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A `.model` file, a `tokenizer.json`, or a directory holding `tokenizer.model` / `tokenizer.json`."""
-    path = Path(path)
+    """A `.model` file, a `tokenizer.json`, or a directory holding `tokenizer.model` / `tokenizer.json`;
+    local, a file:// URL or remote (`pjlm.fileio.location`)."""
+    path = location(path, "tokenizer")
     if path.is_dir():
         if (path / "tokenizer.model").exists():
             return SentencePieceTokenizer.load(path / "tokenizer.model")

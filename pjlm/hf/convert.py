@@ -19,6 +19,7 @@ from pjlm import sharding
 from pjlm.hf import files as hf_files
 from pjlm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict, to_dict
 from pjlm.data.tokenizer import Tokenizer, load_tokenizer
+from pjlm.fileio import local_path, location
 from pjlm.hf import config_from_hf
 from pjlm.hf.directory import TOKENIZER_FILES, load, read_hf_config, save, single_device_mesh, write_tokenizer
 from pjlm.model import Transformer
@@ -28,7 +29,7 @@ def model_config_of(path: str | Path, **overrides) -> ModelConfig:
     """The model config of a pjlm checkpoint (a work directory such as an import's, or a step
     directory) or of an HF directory (`config.json`), with `ModelConfig` fields overridden (e.g.
     `dtype="bfloat16", remat="save_dots"`): an experiment's model that matches `train.init_from`."""
-    path = Path(path)
+    path = location(path, "model")
     if (path / "config.json").exists() and not (path / "checkpoints").exists():
         return config_from_hf(read_hf_config(path), **overrides)
     directory, step = ckpt_lib.resolve_checkpoint(path)
@@ -51,7 +52,7 @@ def import_checkpoint(src: str | Path, dst: str | Path, *, dtype: str = "float32
     Writes `dst/checkpoints/0` (params in `dtype`, placed on `mesh`, default the first device) and
     copies the tokenizer (`tokenizer.model` and/or `tokenizer.json` with its configs) into `dst`.
     Returns the checkpoint directory."""
-    src, dst = Path(src), Path(dst).absolute()
+    src, dst = local_path(src, "the import source"), local_path(dst, "the import directory").absolute()
     checkpoints = dst / "checkpoints"
     if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
         raise ckpt_lib.CheckpointError(f"{dst} already holds a checkpoint; import into a new directory")
@@ -76,8 +77,9 @@ def import_checkpoint(src: str | Path, dst: str | Path, *, dtype: str = "float32
 def _find_tokenizer(config: Config, workdir: Path, directory: Path, meta: dict) -> Optional[Path]:
     """Where the run's tokenizer lives: `data.tokenizer`, else the work directory (or the checkpoint's),
     else `train.init_from`'s; it must be the one the checkpoint was trained with."""
-    candidates = [Path(config.data.tokenizer)] if config.data.tokenizer else []
-    candidates += [workdir, directory.parent] + ([Path(config.train.init_from)] if config.train.init_from else [])
+    candidates = [location(config.data.tokenizer, "data.tokenizer")] if config.data.tokenizer else []
+    candidates += [workdir, directory.parent]
+    candidates += [location(config.train.init_from, "train.init_from")] if config.train.init_from else []
     for path in candidates:
         if path.is_file() or any((path / f).exists() for f in TOKENIZER_FILES[:2]):
             saved = meta.get("tokenizer")
@@ -142,7 +144,7 @@ def _load_base(meta: dict, abstract: Any, shardings: Any) -> Any:
 
 
 def _open_run(workdir: str | Path, lora_mode: Optional[str], mesh: Optional[jax.sharding.Mesh]):
-    workdir = Path(workdir).absolute()
+    workdir = location(workdir, "workdir")
     directory, step = ckpt_lib.resolve_checkpoint(workdir)
     meta = ckpt_lib.read_meta(directory, step)
     config = _check_exportable(meta, directory / str(step), lora_mode)

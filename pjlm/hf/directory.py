@@ -25,6 +25,7 @@ from pjlm import sharding
 from pjlm.config import ConfigError, MeshConfig, ModelConfig
 from pjlm.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from pjlm.data.tokenizer import load_tokenizer as _load_tokenizer
+from pjlm.fileio import is_remote, local_path, location
 from pjlm.hf import TensorMap, config_from_hf, config_to_hf, get_path, set_path, tensor_map
 from pjlm.hf.files import SafetensorsReader, read_json, write_shards
 from pjlm.model import Transformer
@@ -135,7 +136,7 @@ def save(params: Any, config: ModelConfig, out_dir: str | Path, *, dtype: str = 
     sliding window, else llama; or `model_type`, checked), `model.safetensors` in `dtype` (split into `model-0000k-of-0000n`
     files with an index above `max_shard_size`, e.g. "5GB" or "20KB"), and the tokenizer when given
     (a pjlm `Tokenizer`, or a directory / file to copy). Each leaf is pulled to the host once."""
-    out = Path(out_dir)
+    out = local_path(out_dir, "the export directory")
     out.mkdir(parents=True, exist_ok=True)
     maps = tensor_map(config)
     refs = [(t, i, name) for t in maps for i, name in enumerate(t.hf_names(config.n_layers))]
@@ -181,9 +182,10 @@ class _HostLeaves:
 
 def write_tokenizer(tokenizer: Tokenizer | str | Path, out: Path) -> Tokenizer:
     """Put a tokenizer into `out`: copy `tokenizer.model` / `tokenizer.json` (+ configs) from a
-    directory or file, or write a pjlm tokenizer object. Returns it as loaded from `out`."""
-    if isinstance(tokenizer, (str, Path)):
-        src = Path(tokenizer)
+    directory or file (local or remote: `pjlm.fileio.location`), or write a pjlm tokenizer object.
+    Returns it as loaded from `out`."""
+    if not isinstance(tokenizer, Tokenizer):
+        src = location(tokenizer, "tokenizer")
         if src.is_dir():
             files = [src / f for f in TOKENIZER_FILES if (src / f).exists()]
             if not files:
@@ -192,7 +194,9 @@ def write_tokenizer(tokenizer: Tokenizer | str | Path, out: Path) -> Tokenizer:
             files = [src] + [src.parent / f for f in TOKENIZER_FILES[2:] if (src.parent / f).exists()]
         for f in files:
             target = "tokenizer.model" if f.suffix == ".model" else "tokenizer.json" if f == src else f.name
-            if f.resolve() != (out / target).resolve():
+            if is_remote(f):
+                (out / target).write_bytes(f.read_bytes())
+            elif f.resolve() != (out / target).resolve():
                 shutil.copyfile(f, out / target)
     elif isinstance(tokenizer, SentencePieceTokenizer):
         tokenizer.save(out / "tokenizer.model")

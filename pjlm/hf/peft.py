@@ -24,6 +24,7 @@ from typing import Any, Optional
 import numpy as np
 
 from pjlm.config import ConfigError, LoraConfig, ModelConfig
+from pjlm.fileio import local_path
 from pjlm.hf import TensorMap, get_path, tensor_map
 from pjlm.hf.files import write_file
 
@@ -112,7 +113,7 @@ def save_adapters(adapters: dict, config: ModelConfig, lora_cfg: LoraConfig, out
     """Write `adapters` (pjlm layout, for `Transformer(config)`) as a PEFT LoRA directory in `out_dir`."""
     import jax.numpy as jnp
 
-    out = Path(out_dir)
+    out = local_path(out_dir, "the adapter directory")
     out.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(jnp.dtype(dtype))
     tensors = adapter_tensors(adapters, config, lora_cfg)

@@ -35,7 +35,8 @@ from pjlm.train.state import TrainState, make_optimizer
 
 
 from pjlm.errors import NonFiniteError, Preempted  # noqa: E402  (re-exported)
-from pjlm.fileio import local_path, write_atomic  # noqa: E402
+from pjlm import fileio  # noqa: E402
+from pjlm.fileio import write_atomic  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -184,19 +185,16 @@ def setup(config: Config, workdir: Path, pins: Optional[dict] = None) -> _Run:
     init_from = rundir.check_pin("train.init_from", pins.get("train.init_from"))
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divides_mesh(config.data.batch_size, sharding.mesh_sizes(mesh), "data.batch_size")
-    rows, eval_rows, schema, stats = pipeline.load_rows(config.data, config.train.phase)
-    tokenizer = pipeline.get_tokenizer(config.data, workdir, rows, schema, config.train.init_from)
+    data = pipeline.load_data(config.data, config.train.phase, workdir, config.train.init_from)
+    tokenizer = data.tokenizer
     saved_model = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(init_from))["config"]["model"] if init_from else None
     model_cfg = config.model.replace(vocab_size=_vocab_size(init_from, saved_model, tokenizer))
     _check_shape(model_cfg, init_from, saved_model)
     config = dataclasses.replace(config, model=model_cfg)
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_batches, tok_stats = pipeline.make_batcher(rows, schema, config.data, tokenizer, model_cfg.vocab_size,
-                                                     batch_size=config.data.batch_size, seed=config.data.seed, **where)
-    eval_batches = None
-    if eval_rows is not None and config.train.eval_every > 0:
-        eval_batches, _ = pipeline.make_batcher(eval_rows, schema, config.data, tokenizer, model_cfg.vocab_size,
-                                                batch_size=config.data.batch_size, seed=0, **where)
+    train_batches, eval_batches = data.batchers(config.data, model_cfg.vocab_size,
+                                                evaluate=config.train.eval_every > 0, **where)
+    config = _epochs_to_steps(config, train_batches.steps_per_epoch)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
     if config.lora is not None and not config.train.init_from:
         raise ConfigError("LoRA trains adapters on a frozen base: set train.init_from to the base run's work "
@@ -206,10 +204,22 @@ def setup(config: Config, workdir: Path, pins: Optional[dict] = None) -> _Run:
                           "to the SFT run's work directory")
     model = Transformer(model_cfg, head=phases.model_head(config.train.phase))
     return _Run(config, workdir, mesh, model, tokenizer, train_batches, eval_batches, tx, schedule,
-                {**stats, **{f"tokenize_{k}": v for k, v in tok_stats.items()}}, rundir.data_fingerprint(config.data),
+                data.stats, data.fingerprint or rundir.data_fingerprint(config.data),
                 init_from,
                 rundir.check_pin("ppo.reward_model", pins.get("ppo.reward_model")),
                 {k: rundir.check_pin(k, pin) for k, pin in pins.items() if k.startswith("ppo.rewards[")})
+
+
+def _epochs_to_steps(config: Config, steps_per_epoch: int) -> Config:
+    """`train.steps` from `train.epochs` (when set) and the tokenized data's batches per epoch."""
+    epochs = config.train.epochs
+    if epochs is None:
+        return config
+    if steps_per_epoch < 1:
+        raise ConfigError(f"train.epochs={epochs} needs at least one batch of data per epoch; the training data "
+                          f"has fewer rows than data.batch_size={config.data.batch_size}")
+    steps = max(1, math.ceil(epochs * steps_per_epoch - 1e-9))  # 1e-9: 0.3·10 is 3.0000000000000004
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
 
 
 def _vocab_size(init_from: Optional[str], saved_model: Optional[dict], tokenizer) -> int:
@@ -358,11 +368,17 @@ def evaluate(run: _Run, phase: phases.Phase, state: TrainState) -> dict:
 def open_run(config: Config, workdir: str | Path, *, allow_config_change: bool = False):
     """`with open_run(config, workdir) as (run, checkpointer):` — the work directory leased to this
     run, its record (`run.json`) created or checked against `config`, the run set up with the pinned
-    checkpoints, `config.json` and `data_stats.json` written. Every phase's loop starts here."""
-    workdir = local_path(workdir, "workdir").absolute()
+    checkpoints, `config.json` and `data_stats.json` written. Every phase's loop starts here. `workdir`
+    is a local path, a file:// URL or a gs:// URL (`pjlm.fileio.location`)."""
+    workdir = fileio.location(workdir, "workdir")
+    fileio.orbax_path(workdir, "workdir")  # refuses storage Orbax cannot write before anything is written
     sharding.maybe_initialize_distributed()
     config.validate()
     is_main = jax.process_index() == 0
+    if not is_main:  # one progress bar per run: process 0's (pjlm's own are already main-only)
+        import datasets
+
+        datasets.disable_progress_bars()
     with rundir.Lease(workdir, config.train.lease_timeout_s, enabled=is_main) as lease:
         has_checkpoint = bool(ckpt_lib.checkpoint_steps(workdir / "checkpoints"))
         record = rundir.RunRecord.open(workdir, config, has_checkpoint=has_checkpoint,
@@ -410,10 +426,57 @@ def _reference(r: _Run, state: TrainState, state_shardings: Any) -> Optional[Any
     return None
 
 
+def _count(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e4 else str(n)
+
+
+def startup_summary(r: _Run, start: int, trained: Any, frozen: Any = None) -> list[str]:
+    """What a run is about to do, as lines: where it runs (backend, processes, devices, mesh), the
+    model (parameters trained and frozen, attention kernel), the data (rows and tokens per step, steps
+    per epoch) and where checkpoints go. Process 0 prints it at the start of every phase."""
+    from pjlm.model import resolve_attention
+
+    c, t, d = r.config, r.config.train, r.config.data
+    devices = jax.devices()
+    kinds = sorted({dev.device_kind for dev in devices})
+    mesh = " ".join(f"{k}={v}" for k, v in sharding.mesh_sizes(r.mesh).items())
+    params = f"{_millions(_count(trained))} parameters trained"
+    if frozen is not None and _count(frozen):
+        params += f", {_millions(_count(frozen))} frozen"
+    m = r.model.config
+    unit = {"pretrain": "packed rows", "sft": "rows", "reward": "pairs", "dpo": "pairs",
+            "ppo": f"prompts × {c.ppo.group_size} samples"}[t.phase]
+    length = d.seq_len if t.phase == "pretrain" or d.pack else max(d.buckets or (d.seq_len,))
+    per_epoch = r.train_batches.steps_per_epoch
+    epochs = f" ({t.steps / per_epoch:.2f} epochs)" if per_epoch else ""
+    resume = f", resuming at step {start}" if start else ""
+    return [
+        f"{t.phase} on {jax.default_backend()}: {jax.process_count()} process(es), {len(devices)} device(s) "
+        f"({', '.join(kinds)}), mesh {mesh}",
+        f"model: {params}; {m.n_layers} layers, d_model {m.d_model}, vocabulary {m.vocab_size}, dtype {m.dtype}, "
+        f"attention {resolve_attention(m)}, remat {m.remat}",
+        f"data: {d.batch_size} {unit} × ≤ {length} tokens per step (≤ {d.batch_size * length * (2 if unit == 'pairs' else 1)} "
+        f"tokens); {per_epoch} steps per epoch; {t.steps} steps{epochs}{resume}",
+        f"checkpoints: {r.workdir / 'checkpoints'} every {t.checkpoint_every} steps (keeping {t.keep_checkpoints}); "
+        f"metrics: {r.workdir / metrics_lib.METRICS_FILE}",
+    ]
+
+
+def print_summary(lines: list[str]) -> None:
+    if jax.process_index() == 0:
+        for line in lines:
+            print(f"pjlm: {line}", file=sys.stderr, flush=True)
+
+
 def _train(r: _Run, checkpointer: ckpt_lib.Checkpointer, is_main: bool) -> RunResult:
     cfg = r.config.train
     state, state_shardings = create_or_restore(r, checkpointer)
     start = int(state.step)
+    print_summary(startup_summary(r, start, state.params, state.frozen))
     phase = phases.build(r, state_shardings, _reference(r, state, state_shardings))
     seq_len = r.config.data.seq_len
     throughput = metrics_lib.Throughput(metrics_lib.flops_per_token(r.model.config, seq_len), jax.device_count(),
@@ -421,7 +484,7 @@ def _train(r: _Run, checkpointer: ckpt_lib.Checkpointer, is_main: bool) -> RunRe
     history: list[dict] = []
     window: list[tuple[int, dict]] = []
     pending, last_eval = None, {}
-    with metrics_lib.MetricWriter(r.workdir, total_steps=cfg.steps, is_main=is_main) as writer, \
+    with metrics_lib.MetricWriter(r.workdir, total_steps=cfg.steps, is_main=is_main, config=r.config) as writer, \
             _Preemption() as preemption, sharding.use_mesh(r.mesh):
         if start == 0 and cfg.eval_every and r.eval_batches is not None:  # the starting point, e.g. for SFT
             last_eval = evaluate(r, phase, state)
@@ -453,6 +516,7 @@ def _train(r: _Run, checkpointer: ckpt_lib.Checkpointer, is_main: bool) -> RunRe
             if done % cfg.checkpoint_every == 0 or last or stop:
                 _check_finite(window + (pending or []), checkpointer.latest_step())
                 save(r, checkpointer, done, state.params, _train_item(state), _meta(r, done, last_eval))
+                writer.sync()
             if stop:
                 break
         if pending is not None:

@@ -133,7 +133,7 @@ def _load_cache(path: Path, key: str) -> Optional[tuple[np.ndarray, np.ndarray]]
     if not path.exists():
         return None
     try:
-        with np.load(path) as data:
+        with path.open("rb") as f, np.load(f) as data:  # path: local or remote (`pjlm.fileio.location`)
             if str(data["key"]) == key:
                 return data["chosen"], data["rejected"]
             why = "it was computed for another reference, tokenizer or data"

@@ -184,6 +184,9 @@ def _run(r, checkpointer, extra=()) -> loop.RunResult:
     tx_value, _ = make_optimizer(r.config.optimizer, updates)
     value_model = Transformer(r.model.config, head="scalar")
     state, _ = _init(r, cfg, tx_policy, tx_value, value_model, checkpointer)
+    loop.print_summary(loop.startup_summary(r, int(state.policy.step) // (cfg.epochs * cfg.minibatches),
+                                            {"policy": state.policy.params, "value": state.value.params},
+                                            {"policy": state.policy.frozen, "value": state.value.frozen}))
     # Without LoRA the reference is init_from read a second time (the policy's arrays serve only as
     # the shape/sharding template; nothing is copied). With LoRA it is the frozen base.
     ref = None if r.config.lora is not None else loop.load_init_params(
@@ -275,7 +278,7 @@ def _iterate(r, state: PPOState, ref, tx_policy, tx_value, value_model, checkpoi
     fns = _compile(r, tx_policy, tx_value, value_model, extra)
     history = []
     start = int(state.policy.step) // (cfg.epochs * cfg.minibatches)
-    with metrics_lib.MetricWriter(r.workdir, total_steps=tcfg.steps, is_main=jax.process_index() == 0) as writer, \
+    with metrics_lib.MetricWriter(r.workdir, total_steps=tcfg.steps, is_main=jax.process_index() == 0, config=r.config) as writer, \
             loop._Preemption() as preemption, sharding.use_mesh(r.mesh):
         done, stop = start, False
         for it in range(start, tcfg.steps):
@@ -286,6 +289,7 @@ def _iterate(r, state: PPOState, ref, tx_policy, tx_value, value_model, checkpoi
             stop = preemption.reached(done)
             if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or stop:
                 loop.save(r, checkpointer, done, _params_item(state), _train_item(state), loop._meta(r, done))
+                writer.sync()
             if stop:
                 break
         checkpointer.wait()

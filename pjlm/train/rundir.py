@@ -5,7 +5,9 @@
   holder. A lease not refreshed within the timeout is stale and is taken over with a message; on the
   same host a holder whose pid is gone is stale at once. Staleness is judged from the refresh time
   the holder wrote, so hosts sharing a file system need roughly synchronised clocks (NTP), never a
-  pid check on another host.
+  pid check on another host. On remote storage (gs://) the lease is an object read and written whole:
+  a first start writes it and reads it back after a moment, as a take-over does, so of two runs
+  starting at once the last writer keeps it and the other stops.
 - `RunRecord` (`run.json`): what defines the run, written at its first start — every config field
   (classified in `pjlm.config_rules.RESUME`), the tokenizer and data fingerprints, and the
   checkpoints it reads (`train.init_from`, `ppo.reward_model`) resolved to the step they had then.
@@ -33,7 +35,8 @@ from typing import Any, Optional
 from pjlm import checkpoint as ckpt_lib
 from pjlm.config_rules import RESUME, field_values
 from pjlm.errors import CheckpointError, ConfigError, WorkdirBusyError
-from pjlm.fileio import local_path, write_atomic
+from pjlm import fileio
+from pjlm.fileio import write_atomic
 
 LEASE_FILE = "lease.json"
 RUN_FILE = "run.json"
@@ -52,7 +55,7 @@ class Lease:
     lease over (this one was presumed dead): the loop then refuses to save."""
 
     def __init__(self, workdir: Path, timeout_s: float = 300.0, *, enabled: bool = True):
-        self.path = Path(workdir) / LEASE_FILE
+        self.path = fileio.location(workdir, "workdir") / LEASE_FILE
         self.timeout_s = float(timeout_s)
         self.enabled = enabled
         self.lost = False
@@ -96,6 +99,12 @@ class Lease:
             return {}  # unreadable: judged by the file's age below
 
     def _acquire(self) -> None:
+        if fileio.is_remote(self.path):  # no exclusive create on an object store: write, then read back
+            if self._read() is not None:
+                self._take_over()
+            else:
+                self._claim("started at the same moment")
+            return
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -103,6 +112,12 @@ class Lease:
             return
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(self._record()))
+
+    def _claim(self, race: str) -> None:
+        write_atomic(self.path, json.dumps(self._record()))
+        time.sleep(0.05)  # two runs claiming at once: the last writer wins, the other stops here
+        if (self._read() or {}).get("token") != self._token:
+            raise WorkdirBusyError(f"another run {race} in {self.path.parent}; use another --workdir or retry")
 
     def _take_over(self) -> None:
         holder = self._read() or {}
@@ -115,15 +130,11 @@ class Lease:
                 f"or use another --workdir (a lease not refreshed for {self.timeout_s:.0f}s is taken over)")
         print(f"pjlm: taking over the work directory {self.path.parent} from host {holder.get('host')} pid "
               f"{holder.get('pid')} ({reason})", file=sys.stderr)
-        write_atomic(self.path, json.dumps(self._record()))
-        time.sleep(0.05)  # two runs taking over at once: the last writer wins, the other stops here
-        if (self._read() or {}).get("token") != self._token:
-            raise WorkdirBusyError(f"another run took over {self.path.parent} at the same moment; use another "
-                                   "--workdir or retry")
+        self._claim("took it over at the same moment")
 
     def _stale_reason(self, holder: dict) -> Optional[str]:
         if not holder:
-            age = time.time() - self.path.stat().st_mtime
+            age = time.time() - fileio.mtime(self.path)
             return f"its lease file is unreadable and {age:.0f}s old" if age > self.timeout_s else None
         age = time.time() - float(holder.get("refreshed", 0))
         if age > self.timeout_s:
@@ -177,14 +188,26 @@ def file_fingerprint(paths: list[str]) -> str:
     """sha256 over the bytes of local files (in order), or the names themselves for Hub datasets."""
     h = hashlib.sha256()
     for name in paths:
-        p = Path(name)
-        h.update(name.encode() if not p.is_file() else b"")
-        if p.is_file():
-            with open(p, "rb") as f:
+        p = _data_file(name)
+        h.update(name.encode() if p is None else b"")
+        if p is not None:
+            with p.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def _data_file(name: str):
+    """The local file `name` names (a path, a file:// URL, or a remote URL: its cached copy, which the
+    run reads too), or None (a Hub dataset's name)."""
+    try:
+        p = fileio.location(name, "data.source")
+    except ConfigError:
+        return None
+    if not p.is_file():
+        return None
+    return fileio.fetch(p, "data.source")
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -233,7 +256,7 @@ def check_pin(name: str, pin: Optional[dict]) -> Optional[str]:
     """The pinned step's folder, or a CheckpointError when that step no longer exists."""
     if pin is None:
         return None
-    if not (Path(pin["path"]) / "params").exists():
+    if not (fileio.location(pin["path"], name) / "params").exists():
         raise CheckpointError(
             f"{name}={pin['given']} was pinned at this run's first start to step {pin['step']} "
             f"({pin['path']}), which no longer exists (that run kept only its newest checkpoints); restore it, "
@@ -249,7 +272,7 @@ def _definition(config) -> dict:
     values = _plain(field_values(config))
     for key in ("train.init_from", "ppo.reward_model", "data.tokenizer"):  # paths compare by what they name
         if values.get(key):
-            values[key] = str(local_path(values[key], key).absolute())
+            values[key] = str(fileio.location(values[key], key))
     return values
 
 
@@ -339,6 +362,6 @@ def write_config(workdir: Path, meta: dict) -> None:
         except ValueError:
             changed = True
         if changed:
-            with open(workdir / CONFIG_HISTORY_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"replaced": _now_iso(), "previous": old}) + "\n")
+            fileio.append_text(workdir / CONFIG_HISTORY_FILE,
+                               json.dumps({"replaced": _now_iso(), "previous": old}) + "\n")
     write_atomic(path, text)

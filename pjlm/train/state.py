@@ -28,9 +28,11 @@ class TrainState:
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup to the peak, then cosine or linear decay to min_lr_ratio·peak at total_steps."""
+    """Linear warmup to the peak (`warmup_steps`, or `warmup_ratio` of `total_steps`), then cosine or
+    linear decay to min_lr_ratio·peak at total_steps."""
     peak, end = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    steps = cfg.warmup_steps if cfg.warmup_ratio is None else round(cfg.warmup_ratio * total_steps)
+    warmup = min(steps, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup, 1)
     if cfg.decay == "cosine":
         decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.min_lr_ratio)

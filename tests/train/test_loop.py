@@ -1,3 +1,5 @@
+import json
+import math
 import os
 import signal
 
@@ -65,6 +67,26 @@ def test_resume_after_sigterm_equals_uninterrupted(make_config, tmp_path, monkey
     assert logged == [5, 10, 11, 15, 20], "no step is logged twice"
     chex.assert_trees_all_equal(jax.device_get(resumed.state.params), jax.device_get(straight.state.params))
     chex.assert_trees_all_equal(jax.device_get(resumed.state.opt_state), jax.device_get(straight.state.opt_state))
+
+
+def test_epochs_set_the_steps_from_the_tokenized_data_and_the_start_says_so(make_config, tmp_path, capsys):
+    data = dict(synthetic_docs=150)
+    config = make_config(train=dict(steps=1, epochs=1.5, checkpoint_every=1000, eval_every=0), data=data)
+    per_epoch = loop.setup(make_config(data=data), tmp_path / "probe").train_batches.steps_per_epoch
+    assert per_epoch >= 2
+    result = loop.run(config, tmp_path / "run")
+    assert int(result.state.step) == math.ceil(1.5 * per_epoch)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]["train"]
+    assert (saved["steps"], saved["epochs"]) == (math.ceil(1.5 * per_epoch), 1.5)  # the run says what it ran
+    summary = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pjlm: ")]
+    n = sum(x.size for x in jax.tree_util.tree_leaves(result.state.params))
+    assert summary[0] == "pjlm: pretrain on cpu: 1 process(es), 8 device(s) (cpu), mesh data=1 fsdp=8 tensor=1"
+    assert f"pjlm: model: {n / 1e6:.2f}M parameters trained; 2 layers" in summary[1]
+    assert "attention einsum" in summary[1]  # the tiny preset asks for the reference
+    steps = math.ceil(1.5 * per_epoch)
+    assert summary[2] == (f"pjlm: data: 8 packed rows × ≤ 32 tokens per step (≤ 256 tokens); {per_epoch} steps per "
+                          f"epoch; {steps} steps ({steps / per_epoch:.2f} epochs)")
+    assert summary[3].startswith(f"pjlm: checkpoints: {tmp_path / 'run' / 'checkpoints'} every 1000 steps")
 
 
 def test_checkpoint_from_one_mesh_restores_on_another(make_config, tmp_path):

@@ -95,6 +95,13 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert abs(float(schedule(110)) - 0.1) < 1e-6 and float(schedule(60)) < 1.0
 
 
+def test_warmup_ratio_replaces_warmup_steps():
+    cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=999, warmup_ratio=0.1, decay="constant")
+    _, schedule = make_optimizer(cfg, 110)  # warmup = round(0.1 · 110) = 11 steps
+    assert float(schedule(0)) == 0.0 and abs(float(schedule(5)) - 5 / 11) < 1e-6
+    assert float(schedule(10)) < 1.0 and abs(float(schedule(11)) - 1.0) < 1e-6
+
+
 def test_benchmark_script_runs_the_real_step():
     from experiments import bench
 
