@@ -81,19 +81,25 @@ class Sizes:
     """`--set` overrides of the planned model (the plan job plans the dpo_lora job's step)."""
     ppo: tuple
     """experiments.bench_ppo's arguments besides the model and dtypes: prompts, group, lengths, reward layers."""
+    attention_check: tuple = ()
+    """experiments.bench_attention's arguments: the fused kernel against the einsum reference."""
 
 
 GPU = Sizes(model="tinyllama-1.1b", dtype="bfloat16", attention="cudnn", lm_batch=8, lm_len=2048, logprob_chunk=8192,
             lm_steps=5, dpo_pairs=8, dpo_len=512, dpo_prompt=128, dpo_steps=10, lora_rank=16, gen_batch=64,
             gen_prompt=128, gen_new=256, gen_repeats=3, anchor_flags=(), plan_model=(),
-            ppo=("--prompts", 32, "--group", 2, "--prompt-len", 128, "--new-tokens", 128, "--reward-layers", 4))
+            ppo=("--prompts", 32, "--group", 2, "--prompt-len", 128, "--new-tokens", 128, "--reward-layers", 4),
+            attention_check=("--implementation", "cudnn", "--dtype", "bfloat16", "--batch", 4, "--seq-len", 2048,
+                       "--heads", 32, "--kv-heads", 4, "--head-dim", 64))  # TinyLlama's attention
 TINY = Sizes(model="small", dtype="float32", attention="einsum", lm_batch=8, lm_len=32, logprob_chunk=128,
              lm_steps=2, dpo_pairs=8, dpo_len=32, dpo_prompt=8, dpo_steps=2, lora_rank=4, gen_batch=8,
              gen_prompt=8, gen_new=8, gen_repeats=1, anchor_flags=("--tiny",),
              plan_model=("model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
                          "model.mlp_dim=384", "model.vocab_size=2048"),  # the small preset
              ppo=("--prompts", 8, "--group", 2, "--prompt-len", 8, "--new-tokens", 8, "--reward-layers", 2,
-                  "--iterations", 1))
+                  "--iterations", 1),
+             attention_check=("--implementation", "xla", "--dtype", "float32", "--batch", 2, "--seq-len", 64,
+                        "--heads", 4, "--kv-heads", 2, "--head-dim", 16, "--repeats", 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +140,8 @@ def job_list(s: Sizes, build: str) -> list[Job]:
         Job("dpo_lora", (*dpo, "--lora-rank", s.lora_rank), 100, modules=PJLM_TRAIN),    # issue 6
         Job("plan_dpo_lora", plan, 60, modules=PJLM_TRAIN),                              # beside dpo_lora's peak
         Job("generate", gen, 90, modules=("jax", "flax")),                               # issue 7
+        Job("attention_parity", ("-m", "experiments.bench_attention", *s.attention_check), 60,
+            modules=("jax", "flax")),                                                    # issue 17: auto's kernel
         Job("anchors_jax", (anchors, "--only", "versions,ceilings", *s.anchor_flags), 60, files=(anchors,),
             modules=("jax",)),
         Job("anchors_torch", (anchors, "--only", "train,generate,dpo,dpo_lora", *s.anchor_flags), 180,

@@ -55,6 +55,11 @@ def test_tiny_run_records_every_job_and_survives_a_failing_and_a_hanging_one(tmp
     assert 0 < ppo["reward_params_m"] < ppo["policy_params_m"] and ppo["peak_memory_gib"] > 0
     assert ppo["time_generate_s"] > 0 and ppo["time_score_s"] > 0 and ppo["time_update_s"] > 0
 
+    parity = jobs["attention_parity"]["result"]  # the kernel auto picks, against the einsum reference
+    assert jobs["attention_parity"]["status"] == "ok" and parity["parity"] and parity["ms_fwd_bwd"] > 0
+    assert parity["implementation"] == "xla" and max(parity[f"rel_error_{x}"] for x in ("out", "dq", "dk", "dv")) \
+        <= parity["bound"]
+
     skipped = {name: job for name, job in jobs.items() if job["status"] == "skipped"}
     assert set(skipped) == {"pretrain_f32", "anchors_jax", "anchors_torch"}
     planned = jobs["plan_dpo_lora"]["result"]  # the planner's figures for the dpo_lora job's step
