@@ -6,9 +6,12 @@ KL(π ‖ π_ref) from the same samples: the mean over samples of Σ_t log π(y_
 over the response tokens, at the sampling temperature (an unbiased Monte-Carlo estimate; per-sample
 values can be negative, the mean cannot be in expectation).
 
-Best-of-N sampling has no per-token log-probs of its own; its KL to the sampling policy is the
-analytic `best_of_n_kl(N)` = log N − (N−1)/N (Stiennon et al. 2020, appendix), an upper bound that
-is tight when the N scores have no ties.
+Best-of-N sampling has no per-token log-probs of its own; `best_of_n_kl(N)` = log N − (N−1)/N
+(Stiennon et al. 2020, appendix) is an upper bound on its KL to the sampling policy, tight when the N
+scores have no ties; `pjlm.best_of_n.kl_estimate` estimates it from the candidates' scores.
+
+`sample_in_chunks` samples many rows in calls of bounded size; `sequence_logps` scores given
+responses under a policy (Σ over response tokens of log π), e.g. candidates drawn from another one.
 
 Legend: B rows, P prompt length, T response length.
 """
@@ -80,18 +83,42 @@ def sample(model: Transformer, params: Any, tokenizer: Tokenizer, prompts: Seque
 def reward_and_kl(model: Transformer, params: Any, ref_params: Any, tokenizer: Tokenizer, prompts: list[str],
                   reward_fn, *, samples_per_prompt: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
                   seed: int = 0) -> dict:
-    """{"reward", "reward_se", "kl", "kl_se", "n", "texts", "scores"} for `params` against `ref_params`."""
+    """{"reward", "reward_se", "kl", "kl_se", "n", "texts", "scores", "kls", "rollout"} for `params`
+    against `ref_params`: "scores" and "kls" are per sample (the KL estimate of each row), "rollout" the
+    samples' tokens and masks (to score them with something else)."""
     drawn = sample(model, params, tokenizer, prompts, samples_per_prompt=samples_per_prompt,
                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     rollout = drawn["rollout"]
     response_mask = np.asarray(rollout["response_mask"], np.float32)
     logp = lambda p: np.asarray(_logps(model, p, rollout, temperature))
-    kl = np.sum((logp(params) - logp(ref_params)) * response_mask, axis=1)
+    kl = np.sum((logp(params) - logp(ref_params)) * response_mask, axis=1).astype(np.float64)
     scores = np.asarray(reward_fn(drawn["batch"]), np.float64)
     n = len(scores)
     return {"reward": float(scores.mean()), "reward_se": float(scores.std(ddof=1) / np.sqrt(n)),
             "kl": float(kl.mean()), "kl_se": float(kl.std(ddof=1) / np.sqrt(n)), "n": n,
-            "texts": drawn["batch"].responses, "scores": scores.tolist()}
+            "texts": drawn["batch"].responses, "scores": scores.tolist(), "kls": kl.tolist(),
+            "rollout": rollout}
+
+
+def sample_in_chunks(model: Transformer, params: Any, tokenizer: Tokenizer, prompts: Sequence[str], n: int, *,
+                     rows_per_call: int = 4096, max_new_tokens: int = 48, seed: int = 0) -> dict:
+    """`n` samples per prompt (prompt-major rows), in `sample` calls of at most `rows_per_call` rows
+    (which bounds the KV cache): {"texts": all responses, "chunks": each call's `sample` output}."""
+    per_call = max(1, rows_per_call // n)
+    texts, chunks = [], []
+    for i in range(0, len(prompts), per_call):
+        drawn = sample(model, params, tokenizer, prompts[i:i + per_call], samples_per_prompt=n,
+                       max_new_tokens=max_new_tokens, seed=seed + i)
+        texts += drawn["batch"].responses
+        chunks.append(drawn)
+    return {"texts": texts, "chunks": chunks}
+
+
+def sequence_logps(model: Transformer, params: Any, rollout: dict, temperature: float = 1.0) -> np.ndarray:
+    """Σ over response tokens of log π(y_t | …) for each row of a rollout ({"tokens", "prompt_mask",
+    "response_mask"}, as `sample` returns it), under `params`: float64 [B]."""
+    logp_BT = np.asarray(_logps(model, params, rollout, temperature), np.float64)
+    return np.sum(logp_BT * np.asarray(rollout["response_mask"], np.float64), axis=1)
 
 
 def _restore(path: Path, target: Any) -> Any:

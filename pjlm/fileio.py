@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import re
 import shutil
@@ -34,7 +35,7 @@ import tempfile
 import urllib.parse
 import uuid
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Optional, Union
+from typing import IO, Any, Callable, Iterator, Optional, Sequence, Union
 
 from pjlm.errors import ConfigError
 
@@ -156,6 +157,17 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Write `data` (text as UTF-8) to `path` atomically."""
     with atomic_file(path) as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """Write `rows` as JSON lines to `path` atomically."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON-lines file (blank lines skipped)."""
+    text = location(path).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:

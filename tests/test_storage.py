@@ -263,3 +263,11 @@ def test_a_run_on_gs_through_a_local_gcs_emulator(tmp_path, monkeypatch):
         assert os.listdir(".") == []
     finally:
         server.stop()
+
+
+def test_jsonl_rows_round_trip_locally_and_on_remote_storage(bucket, tmp_path):
+    rows = [{"prompt": "The soup", "response": " was très bon ✓"}, {"n": 1}]
+    for where in (tmp_path / "rows.jsonl", PREFIX + "dir/rows.jsonl"):
+        fileio.write_jsonl(where, rows)
+        assert fileio.read_jsonl(where) == rows, where
+    assert (bucket / "dir" / "rows.jsonl").exists()

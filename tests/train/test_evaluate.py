@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pjlm import rewards
-from pjlm.evaluate import reward_and_kl
+from pjlm.evaluate import reward_and_kl, sample_in_chunks, sequence_logps
 from pjlm.sample import load_for_sampling
 
 
@@ -22,3 +22,10 @@ def test_reward_and_kl_of_a_policy_against_its_reference(pretrained):
     analyzer = __import__("vaderSentiment.vaderSentiment", fromlist=["x"]).SentimentIntensityAnalyzer()
     expected = np.mean([analyzer.polarity_scores(t)["compound"] for t in moved["texts"]])
     assert moved["reward"] == pytest.approx(expected, abs=1e-6)
+    # Per-sample KLs are the difference of the samples' sequence log-probs under the two policies.
+    kls = sequence_logps(model, other, moved["rollout"]) - sequence_logps(model, params, moved["rollout"])
+    np.testing.assert_allclose(moved["kls"], kls, atol=1e-4)
+    assert np.mean(moved["kls"]) == pytest.approx(moved["kl"], abs=1e-6)
+    # Chunked sampling keeps each prompt's samples adjacent and calls within the row limit.
+    drawn = sample_in_chunks(model, params, tokenizer, prompts, 3, rows_per_call=4, max_new_tokens=4)
+    assert len(drawn["texts"]) == 6 and [c["rollout"]["tokens"].shape[0] for c in drawn["chunks"]] == [3, 3]
