@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments import sentiment, sentiment_composite as composite
+from experiments.sentiment import composite
+from experiments.sentiment.common import SCALES
 from pjlm.rewards import parse_reward_spec
 
 
@@ -35,7 +36,7 @@ def test_both_preferences_come_from_the_same_samples_and_pull_apart():
 
 @pytest.mark.parametrize("w", composite.WEIGHTS)
 def test_each_weighting_is_a_ppo_run_on_two_named_reward_models(tmp_path, w):
-    config = composite.ppo_config(tmp_path, sentiment.SCALES["cpu"], w)
+    config = composite.ppo_config(tmp_path, SCALES["cpu"], w)
     config.validate()
     specs = [parse_reward_spec(s) for s in config.ppo.rewards]
     assert [(s["kind"], s["name"]) for s in specs] == [("model", "positive"), ("model", "concise")]

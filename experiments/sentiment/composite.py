@@ -1,6 +1,6 @@
 """The composite study: PPO against two learned reward models at once, weighted, and what the weights buy.
 
-    python -m experiments.sentiment_composite --workdir runs/sentiment
+    python -m experiments.sentiment.composite --workdir runs/sentiment
 
 Why keep reward models rather than fit one preference directly: each preference gets its own model,
 and the policy is trained on their weighted sum, whose weights are changed as priorities change.
@@ -37,10 +37,12 @@ import numpy as np
 
 from pjlm import evaluate, rewards
 from pjlm.config import PPOConfig, PreferenceConfig
-from pjlm.fileio import write_atomic
+from pjlm.fileio import read_jsonl, write_atomic
 from pjlm.sample import load_for_sampling
-from experiments import sentiment
-from experiments.sentiment_report import environment, reward_model_accuracy
+from experiments.sentiment.common import Scale, SCALES, Timings
+from experiments.sentiment.phases import base_config, ranked_pairs, sample_sft, train_phase, write_pairs
+from experiments.sentiment.pipeline import train_sft
+from experiments.sentiment.report import environment, reward_model_accuracy
 
 WEIGHTS = (0.8, 0.5, 0.2)
 """w, the weight of the positive reward model (the concise one gets 1 − w)."""
@@ -59,25 +61,25 @@ def preference_pairs(prompts: list[str], texts: list[list[str]], vader_scores: n
     """Both preferences over the same samples, per prompt: every pair of a prompt's (non-empty)
     responses whose VADER scores differ by at least `min_gap` (positive: the higher chosen), and every
     pair whose word counts differ by at least `min_word_gap` (concise: the shorter chosen)."""
-    return {"positive": [sentiment.ranked_pairs(p, t, s, min_gap) for p, t, s in zip(prompts, texts, vader_scores)],
-            "concise": [sentiment.ranked_pairs(p, t, [-words(x) for x in t], min_word_gap)
+    return {"positive": [ranked_pairs(p, t, s, min_gap) for p, t, s in zip(prompts, texts, vader_scores)],
+            "concise": [ranked_pairs(p, t, [-words(x) for x in t], min_word_gap)
                         for p, t in zip(prompts, texts)]}
 
 
-def make_pairs(root: Path, scale: sentiment.Scale, vader) -> None:
+def make_pairs(root: Path, scale: Scale, vader) -> None:
     """Sample SFT on the training prompts, then write both preferences' train/eval pairs."""
     out = root / "composite"
     if all((out / f"pairs_{p}_eval.jsonl").exists() for p in PREFERENCES):
         return
-    prompts, texts, scores = sentiment.sample_sft(root, scale, vader, seed=11)
+    prompts, texts, scores = sample_sft(root, scale, vader, seed=11)
     for name, groups in preference_pairs(prompts, texts, scores, min_gap=scale.min_gap,
                                          min_word_gap=MIN_WORD_GAP).items():
-        sentiment.write_pairs(out, f"pairs_{name}", groups)
+        write_pairs(out, f"pairs_{name}", groups)
 
 
-def reward_config(root: Path, scale: sentiment.Scale, name: str):
+def reward_config(root: Path, scale: Scale, name: str):
     data = root / "composite"
-    config = sentiment._base(scale, "reward", scale.reward_steps, 1e-3, data / f"pairs_{name}_train.jsonl", root / "sft",
+    config = base_config(scale, "reward", scale.reward_steps, 1e-3, data / f"pairs_{name}_train.jsonl", root / "sft",
                              eval_source=str(data / f"pairs_{name}_eval.jsonl"), pack=False,
                              buckets=(scale.max_len // 2,))
     return dataclasses.replace(config, preference=PreferenceConfig(center_coef=0.01))
@@ -94,8 +96,8 @@ def reward_specs(root: Path, w: float) -> tuple[str, ...]:
             f"model:{1 - w:g}:path={rm / 'rm-concise'}:name=concise")
 
 
-def ppo_config(root: Path, scale: sentiment.Scale, w: float):
-    config = sentiment._base(scale, "ppo", scale.ppo_iterations, scale.ppo_lr, root / "data" / "prompts_train.jsonl",
+def ppo_config(root: Path, scale: Scale, w: float):
+    config = base_config(scale, "ppo", scale.ppo_iterations, scale.ppo_lr, root / "data" / "prompts_train.jsonl",
                              root / "sft", eval_rows=0, pack=False, buckets=(24,), max_prompt_len=24)
     ppo = PPOConfig(rewards=reward_specs(root, w), max_new_tokens=scale.max_new_tokens, epochs=2, minibatches=2,
                     kl_coef=PPO_KL_COEF)
@@ -107,12 +109,12 @@ def _mean_se(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x)))
 
 
-def evaluate_policies(root: Path, scale: sentiment.Scale, vader) -> dict[str, dict]:
+def evaluate_policies(root: Path, scale: Scale, vader) -> dict[str, dict]:
     """SFT and every PPO run's final policy on the held-out prompts (one sample each, the same seed):
     VADER, words per response and KL(π ‖ π_SFT), each with its standard error over prompts."""
     path = root / "composite" / "evals.json"
     points: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
-    prompts = [r["prompt"] for r in sentiment.read_jsonl(root / "data" / "prompts_eval.jsonl")]
+    prompts = [r["prompt"] for r in read_jsonl(root / "data" / "prompts_eval.jsonl")]
     model, sft_params, tokenizer = load_for_sampling(root / "sft")
     for name, w in [("sft", None), *[(run_name(w), w) for w in WEIGHTS]]:
         if name in points:
@@ -211,19 +213,19 @@ def report(results: dict) -> str:
 def run(root: Path) -> dict:
     from pjlm.train.loop import git_revision
 
-    command = f"python -m experiments.sentiment_composite --workdir {root}"
+    command = f"python -m experiments.sentiment.composite --workdir {root}"
     root = Path(root).absolute()
-    scale = sentiment.SCALES["cpu"]
-    shared = sentiment.train_sft(root, "cpu")
+    scale = SCALES["cpu"]
+    shared = train_sft(root, "cpu")
     out = root / "composite"
     out.mkdir(exist_ok=True)
-    timings = sentiment.Timings(out / "timings.json")
+    timings = Timings(out / "timings.json")
     vader = rewards.VaderReward()
     timings.run("composite-pairs", make_pairs, root, scale, vader)
     for name in PREFERENCES:
-        timings.run(f"rm-{name}", sentiment.train_phase, reward_config(root, scale, name), out / f"rm-{name}")
+        timings.run(f"rm-{name}", train_phase, reward_config(root, scale, name), out / f"rm-{name}")
     for w in WEIGHTS:
-        timings.run(run_name(w), sentiment.train_phase, ppo_config(root, scale, w), out / run_name(w))
+        timings.run(run_name(w), train_phase, ppo_config(root, scale, w), out / run_name(w))
     points: dict = {}
     timings.run("composite-evaluate", lambda: points.update(evaluate_policies(root, scale, vader)))
     plot(points, out / "tradeoff.png")
@@ -233,7 +235,7 @@ def run(root: Path) -> dict:
         "git_revision": git_revision(), "wall_time_s": round(sum(seconds.values()), 1),
         "phase_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "weights": list(WEIGHTS), "ppo_kl_coef": PPO_KL_COEF,
-        "pairs": {name: {split: len(sentiment.read_jsonl(out / f"pairs_{name}_{split}.jsonl"))
+        "pairs": {name: {split: len(read_jsonl(out / f"pairs_{name}_{split}.jsonl"))
                          for split in ("train", "eval")} for name in PREFERENCES},
         "reward_model_eval_accuracy": {name: reward_model_accuracy(out / f"rm-{name}") for name in PREFERENCES},
         "points": {k: points[k] for k in ["sft", *[run_name(w) for w in WEIGHTS]]},

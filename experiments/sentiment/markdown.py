@@ -16,8 +16,11 @@ to get its reward. Read the samples below with that in mind.
 `max_new_tokens` tokens) for each held-out prompt, with the same random seed for every policy. The
 reward is the mean VADER score with its standard error over prompts. The KL is the mean over the
 same samples of Σ_t log π(y_t | …) − log π_SFT(y_t | …) over response tokens (an unbiased Monte-Carlo
-estimate; per-sample values can be negative). Best-of-N has no per-token log-probabilities of its own,
-so its KL is the analytic log N − (N−1)/N, exact when the N scores have no ties. "Step 0" of every
+estimate; per-sample values can be negative). Best-of-N has no per-token log-probabilities of its own:
+its KL is a plug-in estimate from the N candidates' rewards (`pjlm.best_of_n.kl_estimate` on the M
+candidates drawn per prompt, scored by whatever picked, the reward model or VADER): the exact KL of
+best-of-N when each prompt's reward distribution is the empirical one of its candidates, right when
+scores tie (VADER gives many responses exactly 0.0), at most log N − (N−1)/N. "Step 0" of every
 trained method is the SFT policy itself. The last column is the sentence that appears in the most
 responses and the share of responses containing it: a policy collapsing onto one stock phrase shows
 there.
@@ -36,16 +39,45 @@ def results_table(results: dict) -> str:
         se = (p["reward_se"] ** 2 + sft["reward_se"] ** 2) ** 0.5
         delta = "" if p["method"] == "sft" else f"{p['reward'] - sft['reward']:+.3f} ({(p['reward'] - sft['reward']) / se:+.1f})"
         step = "" if p["method"].startswith("bon") or p["method"] == "sft" else str(p["step"])
-        kl = f"{p['kl']:.2f} (analytic)" if p["method"].startswith("bon") else f"{p['kl']:.2f} ± {p['kl_se']:.2f}"
+        kl = f"{p['kl']:.2f} ± {p['kl_se']:.2f}" + (" (plug-in)" if p["method"].startswith("bon") else "")
         top = f"{p['top_sentence'][:40]!r} ({p['top_sentence_share']:.0%})"
         lines.append(f"| {label} | {step} | {_pm(p['reward'], p['reward_se'])} | {delta} | {kl} | {top} |")
     return "\n".join(lines) + "\n"
 
 
 def leaderboard_table(board: list[dict]) -> str:
-    lines = ["| rank | policy | Bradley–Terry score ± s.e. | win rate |", "|---:|---|---:|---:|"]
+    lines = ["| rank | policy | Bradley–Terry score ± s.e. (bootstrap over prompts) | s.e. if games were independent | win rate |",
+             "|---:|---|---:|---:|---:|"]
     for i, row in enumerate(board, 1):
-        lines.append(f"| {i} | {row['policy']} | {_pm(row['bt_score'], row['bt_se'], 2)} | {row['win_rate']:.2f} |")
+        lines.append(f"| {i} | {row['policy']} | {_pm(row['bt_score'], row['bt_se'], 2)} | {row['bt_fit_se']:.2f} "
+                     f"| {row['win_rate']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def objective_table(rows: list[dict]) -> str:
+    """One row per policy, two columns per β: J with the learned reward, and with VADER."""
+    if not rows:
+        return "(no policy has per-prompt learned rewards and KL recorded)\n"
+    betas = list(dict.fromkeys(r["beta"] for r in rows))
+    head = "| policy | " + " | ".join(f"J, β={b:g}: learned r | J, β={b:g}: VADER" for b in betas) + " |"
+    lines = [head, "|---|" + "---:|" * (2 * len(betas))]
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        by_beta = {r["beta"]: r for r in rows if r["policy"] == policy}
+        cells = [f"{_pm(by_beta[b]['j_rm'], by_beta[b]['j_rm_se'])} | {_pm(by_beta[b]['j_vader'], by_beta[b]['j_vader_se'])}"
+                 for b in betas]
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def distances_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no fixed-β run)\n"
+    lines = ["| policy | β | reward r | candidates per prompt (distinct) | TV(π_C, π*_C) | KL(π_C ‖ π*_C) | KL(π*_C ‖ π_C) "
+             "| J_C(π*) − J_C(π) |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for d in rows:
+        lines.append(f"| {d['policy']} | {d['beta']:g} | {d['reward']} | {d['candidates']} ({d['candidates_mean']:.1f}) "
+                     f"| {d['tv_mean']:.3f} ± {d['tv_stderr']:.3f} | {d['kl_mean']:.3f} ± {d['kl_stderr']:.3f} "
+                     f"| {d['reverse_kl_mean']:.3f} ± {d['reverse_kl_stderr']:.3f} | {d['gap_mean']:.3f} ± {d['gap_stderr']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -81,9 +113,30 @@ def report(results: dict, finals: dict) -> str:
 ## Leaderboard
 
 Bradley–Terry scores of the final policies from pairwise comparisons of their samples on each
-held-out prompt, judged by VADER (equal scores count half a win each way), with standard errors.
+held-out prompt, judged by VADER (equal scores count half a win each way). The standard errors come
+from refitting on bootstrap resamples of the prompts, since all the games on one prompt share it; the
+fit's own errors, which treat every game as independent, are shown beside them.
 
 {leaderboard_table(results['leaderboard'])}
+## The objective
+
+For each β of the study, every final policy's J = E[r] − β·KL(π ‖ π_SFT) on the held-out prompts (one
+sample per prompt; r and the KL estimate of the same sample, ± s.e. over prompts), with r the learned
+reward model's score normalised as PPO sees it, (s − mean)/std, and beside it with r = VADER. DPO and
+PPO on the reward model aim at the learned-reward column of their own β; PPO on VADER at VADER's.
+
+{objective_table(results['objective'])}
+![the objective against β](objective.png)
+
+## Distance to the optimum
+
+For each fixed-β run, on the held-out prompts, M candidates per prompt sampled from SFT (the
+best-of-N candidates, duplicates removed): the final policy restricted to them, π_C, against the
+optimum of Lemma 1 restricted to them, π*_C ∝ π_SFT·exp(r/β), with r the reward the run was trained
+on (the learned reward for DPO and PPO on the reward model, VADER for PPO on VADER). 0 would be the
+optimum; means ± s.e. over prompts. β·KL(π_C ‖ π*_C) is the objective J_C left on the table.
+
+{distances_table(results['distances'])}
 ## Training curves
 
 ![training curves](curves.png)

@@ -1,5 +1,8 @@
-"""The controlled-sentiment pipeline's outputs: results.json, frontier.png, curves.png, a
-Bradley–Terry leaderboard and report.md, all from `evals.json` and the runs' `metrics.jsonl`."""
+"""The controlled-sentiment pipeline's outputs: results.json, frontier.png, objective.png, curves.png, a
+Bradley–Terry leaderboard and report.md, all from `evals.json`, `distances.json` and the runs'
+`metrics.jsonl`. Standard errors are over held-out prompts: the leaderboard's from a bootstrap over
+prompts (`pjlm.bootstrap.bt_bootstrap`: every pair of policies plays on the same prompts, so games
+are not independent), the objective's from its per-prompt values."""
 
 from __future__ import annotations
 
@@ -12,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pjlm import bt
+from pjlm import bootstrap
+from pjlm.fileio import read_jsonl
 from pjlm.metrics import METRICS_FILE, read_metrics
+from experiments.sentiment import markdown
 
 METHOD_LABELS = {"sft": "SFT", "dpo": "DPO", "ppo-rm": "PPO (learned reward)", "ppo-gt": "PPO (VADER reward)",
                  "bon-rm": "best-of-N (learned reward)", "bon-oracle": "best-of-N (VADER, oracle)"}
 METHOD_ORDER = list(METHOD_LABELS)
 POINT_KEYS = ("method", "hp", "step", "reward", "reward_se", "kl", "kl_se", "n", "top_sentence", "top_sentence_share")
+OPTIONAL_KEYS = ("kl_method",)
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "sentencepiece", "vaderSentiment")
 
 
@@ -40,15 +46,62 @@ def _final(series: dict) -> dict[str, dict]:
             for (method, _), pts in series.items()}
 
 
-def leaderboard(finals: dict[str, dict]) -> list[dict]:
+def leaderboard(finals: dict[str, dict], n_resamples: int = 1000) -> list[dict]:
     """Bradley–Terry scores of the final policies: on every held-out prompt, each pair of policies
-    is a game won by the sample VADER scores higher (equal scores: half a win each)."""
+    is a game won by the sample VADER scores higher (equal scores: half a win each); standard errors
+    from refitting on resamples of the prompts (`bt_se`), beside the fit's own, which treats every
+    game as independent (`bt_fit_se`)."""
     names = list(finals)
-    wins = bt.wins_from_scores(np.array([finals[n]["scores"] for n in names]))
-    scores, se = bt.fit(wins, ridge=1e-6)
-    rows = [{"policy": n, "bt_score": float(s), "bt_se": float(e), "win_rate": float(wins[i].sum() / (
-        wins[i].sum() + wins[:, i].sum()))} for i, (n, s, e) in enumerate(zip(names, scores, se))]
+    wins_PKK = bootstrap.prompt_wins(np.array([finals[n]["scores"] for n in names]).T)
+    fit = bootstrap.bt_bootstrap(wins_PKK, ridge=1e-6, n_resamples=n_resamples, seed=0)
+    wins = wins_PKK.sum(axis=0)
+    rows = [{"policy": n, "bt_score": float(fit.scores_K[i]), "bt_se": float(fit.stderr_K[i]),
+             "bt_fit_se": float(fit.fit_stderr_K[i]), "win_rate": float(wins[i].sum() / (wins[i].sum() + wins[:, i].sum()))}
+            for i, n in enumerate(names)]
     return sorted(rows, key=lambda r: -r["bt_score"])
+
+
+def objective(finals: dict[str, dict], betas: list[float]) -> list[dict]:
+    """J = E[r] − β·KL(π ‖ π_SFT) of every final policy at every β, with its standard error over
+    prompts (one sample per prompt: r and the KL estimate of the same sample), for r the learned
+    reward (normalised as PPO sees it) and for r = VADER. Policies evaluated before the learned
+    reward was recorded are left out."""
+    rows = []
+    for label, p in finals.items():
+        if not p.get("kls") or not p.get("rm_scores"):
+            continue
+        kl = np.asarray(p["kls"], np.float64)
+        for beta in betas:
+            row = {"policy": label, "method": p["method"], "beta": beta}
+            for name, r in (("rm", p["rm_scores"]), ("vader", p["scores"])):
+                j_P = np.asarray(r, np.float64) - beta * kl
+                row[f"j_{name}"], row[f"j_{name}_se"] = float(j_P.mean()), float(j_P.std(ddof=1) / np.sqrt(len(j_P)))
+            rows.append(row)
+    return rows
+
+
+def plot_objective(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    for ax, (key, title) in zip(axes, (("rm", "r = learned reward (normalised)"), ("vader", "r = VADER"))):
+        for policy in dict.fromkeys(r["policy"] for r in rows):
+            pts = [r for r in rows if r["policy"] == policy]
+            ax.errorbar([r["beta"] for r in pts], [r[f"j_{key}"] for r in pts], yerr=[2 * r[f"j_{key}_se"] for r in pts],
+                        marker="o", capsize=2, label=policy)
+        ax.set_xscale("log")
+        ax.set_xlabel("β")
+        ax.set_ylabel("J = E[r] − β·KL(π ‖ π_SFT)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("The KL-regularised objective of each final policy (bars ±2 s.e. over prompts)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_frontier(series: dict, path: Path) -> None:
@@ -62,6 +115,8 @@ def plot_frontier(series: dict, path: Path) -> None:
         kl = [p["kl"] for p in pts]
         reward = [p["reward"] for p in pts]
         label = METHOD_LABELS[method] + ("" if method == "sft" or method.startswith("bon") else f" ({hp})")
+        if method.startswith("bon"):
+            label += ", KL: plug-in estimate from the N candidates' rewards"
         style = dict(marker="s", linestyle="--") if method.startswith("bon") else dict(marker="o")
         if method == "sft":
             style = dict(marker="*", markersize=14, linestyle="none", color="black")
@@ -134,16 +189,23 @@ def reward_model_accuracy(workdir: Path) -> float | None:
     return evals[-1] if evals else None
 
 
+def _public(point: dict) -> dict:
+    return {k: point[k] for k in (*POINT_KEYS, *OPTIONAL_KEYS) if k in point}
+
+
 def write(root: Path, scale, points: dict, seconds: dict, command: str) -> dict:
     """Write every output; returns the results dict (also results.json)."""
-    from experiments import sentiment_markdown
-    from experiments.sentiment import read_jsonl
     from pjlm.train.loop import git_revision
 
     series = _series(points)
     finals = _final(series)
     board = leaderboard(finals)
     plot_frontier(series, root / "frontier.png")
+    betas = sorted({*scale.dpo_betas, *scale.ppo_kl_coefs})
+    j_rows = objective(finals, betas)
+    if j_rows:
+        plot_objective(j_rows, root / "objective.png")
+    distances = json.loads((root / "distances.json").read_text()) if (root / "distances.json").exists() else {}
     run_names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(("dpo-", "ppo-")))
     plot_curves(root, run_names, root / "curves.png")
     pairs = {split: len(read_jsonl(root / "data" / f"pairs_{split}.jsonl")) for split in ("train", "eval")}
@@ -151,11 +213,12 @@ def write(root: Path, scale, points: dict, seconds: dict, command: str) -> dict:
         "command": command, **environment(), "git_revision": git_revision(),
         "wall_time_s": round(sum(seconds.values()), 1), "phase_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "scale": dataclasses.asdict(scale), "pairs": pairs, "reward_model_eval_accuracy": reward_model_accuracy(root / "reward"),
-        "points": [{k: p[k] for k in POINT_KEYS} for pts in series.values() for p in pts],
-        "summary": {label: {k: p[k] for k in POINT_KEYS} for label, p in finals.items()},
-        "leaderboard": board,
+        "points": [_public(p) for pts in series.values() for p in pts],
+        "summary": {label: _public(p) for label, p in finals.items()},
+        "leaderboard": board, "objective": j_rows,
+        "distances": [{"policy": f"{METHOD_LABELS[d['method']]}, {d['hp']}", **d} for d in distances.values()],
     }
     (root / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
-    (root / "leaderboard.md").write_text(sentiment_markdown.leaderboard_table(board))
-    (root / "report.md").write_text(sentiment_markdown.report(results, finals))
+    (root / "leaderboard.md").write_text(markdown.leaderboard_table(board))
+    (root / "report.md").write_text(markdown.report(results, finals))
     return results

@@ -377,15 +377,17 @@ def test_user_errors_share_one_base_class():
 
 def test_the_sentiment_pipeline_never_starts_a_phase_on_a_preempted_one(tmp_path, monkeypatch):
     from experiments import sentiment
+    from experiments.sentiment.common import SCALES
+    from experiments.sentiment.phases import finished
 
     _signal_at(monkeypatch, 2)
     with pytest.raises(SystemExit) as stopped:
         sentiment.main(["--workdir", str(tmp_path), "--scale", "ci"])
     assert stopped.value.code == 128 + signal.SIGTERM
     saved = ckpt_lib.checkpoint_steps(tmp_path / "pretrain" / "checkpoints")
-    assert len(saved) == 1 and saved[0] < sentiment.SCALES["ci"].pretrain_steps, saved
+    assert len(saved) == 1 and saved[0] < SCALES["ci"].pretrain_steps, saved
     assert not (tmp_path / "sft").exists()
-    assert not sentiment.finished(tmp_path / "pretrain", sentiment.SCALES["ci"].pretrain_steps)
+    assert not finished(tmp_path / "pretrain", SCALES["ci"].pretrain_steps)
 
 
 def test_a_model_that_disagrees_with_init_from_is_named_field_by_field(tmp_path):
