@@ -57,7 +57,7 @@ def run_pipeline(root: Path, scale_name: str = "cpu", corpus: str = "synthetic",
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="python -m experiments.sentiment", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, type=Path, help="where every phase and the results go")
     parser.add_argument("--scale", default="cpu", choices=sorted(SCALES),
