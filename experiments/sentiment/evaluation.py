@@ -182,7 +182,11 @@ class Evaluator:
         policy = np.concatenate([evaluate.sequence_logps(model, params, c["rollout"])
                                  for c in cand["chunks"]]).reshape(P, M)
         reward = "vader" if run.method == "ppo-gt" else "learned"
-        d = optimum.distances(policy, cand["sft_logps"], cand[reward], run.beta, cand["unique"])
+        r = cand[reward]
+        if run.method == "dpo":  # DPO fits the Bradley–Terry preference itself, so its optimum has the model's own
+            reward, r = "learned (raw)", r * self._rm[2]  # scale: the raw score (a shift per prompt changes nothing),
+            #                                               not PPO's score divided by its std
+        d = optimum.distances(policy, cand["sft_logps"], r, run.beta, cand["unique"])
         self.distances[run.name] = {"method": run.method, "hp": run.hp, "step": steps[-1], "beta": run.beta,
                                     "reward": reward, "candidates": M, **d.summary(),
                                     "candidates_mean": float(d.n_candidates_P.mean()),

@@ -122,8 +122,10 @@ fit's own errors, which treat every game as independent, are shown beside them.
 
 For each β of the study, every final policy's J = E[r] − β·KL(π ‖ π_SFT) on the held-out prompts (one
 sample per prompt; r and the KL estimate of the same sample, ± s.e. over prompts), with r the learned
-reward model's score normalised as PPO sees it, (s − mean)/std, and beside it with r = VADER. DPO and
-PPO on the reward model aim at the learned-reward column of their own β; PPO on VADER at VADER's.
+reward model's score normalised as PPO sees it, (s − mean)/std, and beside it with r = VADER. PPO on
+the reward model aims at the learned-reward column of its own β, PPO on VADER at VADER's; DPO fits the
+Bradley–Terry preference itself, whose reward is the raw score s, so its objective is the learned-reward
+column at β/std (std: the reward model's held-out spread, {results.get('reward_std') or float('nan'):.2f} here).
 
 {objective_table(results['objective'])}
 ![the objective against β](objective.png)
@@ -133,7 +135,8 @@ PPO on the reward model aim at the learned-reward column of their own β; PPO on
 For each fixed-β run, on the held-out prompts, M candidates per prompt sampled from SFT (the
 best-of-N candidates, duplicates removed): the final policy restricted to them, π_C, against the
 optimum of Lemma 1 restricted to them, π*_C ∝ π_SFT·exp(r/β), with r the reward the run was trained
-on (the learned reward for DPO and PPO on the reward model, VADER for PPO on VADER). 0 would be the
+on (the learned reward as PPO sees it for PPO on the reward model, its raw Bradley–Terry score for DPO,
+which fits the preference itself, VADER for PPO on VADER). 0 would be the
 optimum; means ± s.e. over prompts. β·KL(π_C ‖ π*_C) is the objective J_C left on the table.
 
 {distances_table(results['distances'])}

@@ -189,6 +189,13 @@ def reward_model_accuracy(workdir: Path) -> float | None:
     return evals[-1] if evals else None
 
 
+def reward_model_std(workdir: Path) -> float | None:
+    """The held-out spread of the reward model's scores it saved with its last checkpoint (what PPO and
+    the evaluation divide by)."""
+    evals = [r["eval_reward_std"] for r in read_metrics(workdir) if "eval_reward_std" in r]
+    return evals[-1] if evals else None
+
+
 def _public(point: dict) -> dict:
     return {k: point[k] for k in (*POINT_KEYS, *OPTIONAL_KEYS) if k in point}
 
@@ -213,6 +220,7 @@ def write(root: Path, scale, points: dict, seconds: dict, command: str) -> dict:
         "command": command, **environment(), "git_revision": git_revision(),
         "wall_time_s": round(sum(seconds.values()), 1), "phase_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "scale": dataclasses.asdict(scale), "pairs": pairs, "reward_model_eval_accuracy": reward_model_accuracy(root / "reward"),
+        "reward_std": reward_model_std(root / "reward"),
         "points": [_public(p) for pts in series.values() for p in pts],
         "summary": {label: _public(p) for label, p in finals.items()},
         "leaderboard": board, "objective": j_rows,
