@@ -1,5 +1,6 @@
 """The controlled-sentiment main job (experiments/sentiment/) at its CI size, and its pieces."""
 
+import itertools
 import json
 import math
 import random
@@ -40,6 +41,13 @@ def test_ci_pipeline_raises_ground_truth_reward_at_a_kl_cost_and_reruns_skip(tmp
     assert all(0.0 <= p["top_sentence_share"] <= 1.0 for p in points)
     board = results["leaderboard"]
     assert len(board) == len(results["summary"]) and all(r["bt_se"] > 0 and r["bt_fit_se"] > 0 for r in board)
+    # The leaderboard (wins on shared prompts) orders every two policies whose mean rewards are more than
+    # two standard errors apart as their rewards do (fixed seeds).
+    finals, score = results["summary"], {r["policy"]: r["bt_score"] for r in board}
+    for a, b in itertools.combinations(finals, 2):
+        gap = finals[a]["reward"] - finals[b]["reward"]
+        if abs(gap) > 2 * _se(finals[a], finals[b]):
+            assert (score[a] - score[b]) * gap > 0, (a, b, finals[a]["reward"], finals[b]["reward"], score)
     # The objective: every final policy at every β of the study, J's two readings from the same KL.
     betas = sorted({*common.SCALES["ci"].dpo_betas, *common.SCALES["ci"].ppo_kl_coefs})
     rows = results["objective"]
