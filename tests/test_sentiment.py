@@ -23,7 +23,7 @@ def test_ci_pipeline_raises_ground_truth_reward_at_a_kl_cost_and_reruns_skip(tmp
     points = results["points"]
     sft = next(p for p in points if p["method"] == "sft")
     summary = {p["method"]: p for p in results["summary"].values()}
-    for method in ("dpo", "ppo-gt"):
+    for method in ("dpo", "ppo-gt", "ppo-rm"):
         run = sorted((p for p in points if p["method"] == method), key=lambda p: p["step"])
         assert run[0]["step"] == 0 and run[0]["kl"] == 0.0  # step 0 is the SFT policy itself
         final = run[-1]
@@ -37,6 +37,8 @@ def test_ci_pipeline_raises_ground_truth_reward_at_a_kl_cost_and_reruns_skip(tmp
         assert 0.0 <= p["kl"] <= best_of_n_kl(n) + 1e-9, p
         assert (p["kl"] == 0.0) == (n == 1) and "plug-in" in p["kl_method"], p
     assert max(oracle, key=lambda p: p["kl"])["reward"] > sft["reward"]  # picking by the truth cannot lose
+    by_rm = max((p for p in points if p["method"] == "bon-rm"), key=lambda p: int(p["hp"][2:]))
+    assert by_rm["reward"] - sft["reward"] > 2 * _se(by_rm, sft), (by_rm, sft)  # the learned reward helps too
     assert 0.0 <= results["reward_model_eval_accuracy"] <= 1.0
     assert all(0.0 <= p["top_sentence_share"] <= 1.0 for p in points)
     board = results["leaderboard"]
