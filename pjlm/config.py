@@ -392,6 +392,12 @@ class PreferenceConfig:
     """IPO on per-token (length-normalised) log-probs rather than summed ones."""
     nll_coef: float = 0.0
     """Weight of an NLL term on the chosen response; ≥ 0."""
+    reference: Optional[str] = None
+    """DPO's frozen reference policy: a work directory (its latest checkpoint) or a checkpoint step
+    directory, pinned at the run's first start as `train.init_from` is; None = `train.init_from`. It must
+    have init_from's model shape and tokenizer. Lets a run start from one policy and be regularised
+    towards another (iterative DPO: round k starts from round k−1's policy, the SFT policy stays the
+    reference). Not with LoRA (its reference is the frozen base) nor loss_type simpo (no reference)."""
     precompute_ref: bool = False
     """Compute the reference log-probs once over the dataset before training and cache them in the work
     directory by example_id (then the reference model is not kept in memory)."""
@@ -494,6 +500,7 @@ class Config:
             raise ConfigError("ppo.rewards has a 'model' component without path= and ppo.reward_model is not set; "
                               "give the component its reward-model run (model:1.0:path=runs/rm) or set "
                               "ppo.reward_model, or use rule-based rewards only (e.g. vader:1.0)")
+        self._check_reference()
         if self.model.final_softcap is not None and self.train.logprob_chunk:
             raise ConfigError(f"train.logprob_chunk={self.train.logprob_chunk} cannot apply model.final_softcap "
                               "(the chunked log-probs never form the capped logits); set train.logprob_chunk=0")
@@ -505,6 +512,21 @@ class Config:
             raise ConfigError(f"data.seq_len / data.buckets reach {longest}, beyond model.max_len="
                               f"{self.model.max_len}; shorten them or raise model.max_len")
         return self
+
+    def _check_reference(self) -> None:
+        """`preference.reference` only where DPO reads a reference checkpoint."""
+        ref = self.preference.reference
+        if ref is None:
+            return
+        if self.train.phase != "dpo":
+            raise ConfigError(f"preference.reference={ref!r} is DPO's reference policy, but train.phase="
+                              f"{self.train.phase}; unset preference.reference")
+        if self.lora is not None:
+            raise ConfigError(f"preference.reference={ref!r} cannot be used with LoRA: a LoRA run's reference is "
+                              "its frozen base (train.init_from); unset preference.reference, or train without lora")
+        if self.preference.loss_type == "simpo":
+            raise ConfigError(f"preference.reference={ref!r} is unused by preference.loss_type=simpo, which has no "
+                              "reference; unset preference.reference or choose another loss_type")
 
 
 # Serialisation and command-line overrides live in pjlm/overrides.py; re-exported here.

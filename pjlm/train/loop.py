@@ -169,6 +169,8 @@ class _Run:
     """`rundir.data_fingerprint` of the run's data, hashed once per start."""
     init_from: Optional[str] = None
     """`train.init_from` pinned to the step folder it resolved to at the run's first start."""
+    reference: Optional[str] = None
+    """`preference.reference` (DPO), pinned likewise; None: the reference is `init_from`."""
     reward_model: Optional[str] = None
     """`ppo.reward_model`, pinned likewise."""
     reward_models: dict = dataclasses.field(default_factory=dict)
@@ -190,6 +192,7 @@ def setup(config: Config, workdir: Path, pins: Optional[dict] = None) -> _Run:
     saved_model = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(init_from))["config"]["model"] if init_from else None
     model_cfg = config.model.replace(vocab_size=_vocab_size(init_from, saved_model, tokenizer))
     _check_shape(model_cfg, init_from, saved_model)
+    reference = _pinned_reference(model_cfg, tokenizer, pins)
     config = dataclasses.replace(config, model=model_cfg)
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_batches, eval_batches = data.batchers(config.data, model_cfg.vocab_size,
@@ -205,7 +208,7 @@ def setup(config: Config, workdir: Path, pins: Optional[dict] = None) -> _Run:
     model = Transformer(model_cfg, head=phases.model_head(config.train.phase))
     return _Run(config, workdir, mesh, model, tokenizer, train_batches, eval_batches, tx, schedule,
                 data.stats, data.fingerprint or rundir.data_fingerprint(config.data),
-                init_from,
+                init_from, reference,
                 rundir.check_pin("ppo.reward_model", pins.get("ppo.reward_model")),
                 {k: rundir.check_pin(k, pin) for k, pin in pins.items() if k.startswith("ppo.rewards[")})
 
@@ -236,9 +239,11 @@ def _vocab_size(init_from: Optional[str], saved_model: Optional[dict], tokenizer
     return rows
 
 
-def _check_shape(model_cfg, init_from: Optional[str], saved: Optional[dict]) -> None:
+def _check_shape(model_cfg, init_from: Optional[str], saved: Optional[dict], name: str = "train.init_from",
+                 fix: str = "take the model from it (pjlm.hf.model_config_of, or `pjlm sft|dpo|… --model`)") -> None:
     """The model must have `init_from`'s shape and math (every `model.*` field a resume refuses to
-    change): a mismatch is named field by field here, not deep inside Orbax."""
+    change): a mismatch is named field by field here, not deep inside Orbax. `name` and `fix` word the
+    error for another checkpoint that must fit the model (`preference.reference`)."""
     if not init_from:
         return
     from pjlm.config_rules import RESUME
@@ -247,8 +252,28 @@ def _check_shape(model_cfg, init_from: Optional[str], saved: Optional[dict]) -> 
     differ = [f"model.{k}={ours[k]!r} (saved: {saved[k]!r})" for k in sorted(saved)
               if k in ours and RESUME.get(f"model.{k}") == "refuse" and k != "param_dtype" and ours[k] != saved[k]]
     if differ:
-        raise ConfigError(f"the model does not have the shape of train.init_from={init_from}: {'; '.join(differ)}; "
-                          "take the model from it (pjlm.hf.model_config_of, or `pjlm sft|dpo|… --model`)")
+        raise ConfigError(f"the model does not have the shape of {name}={init_from}: {'; '.join(differ)}; {fix}")
+
+
+def _pinned_reference(model_cfg, tokenizer, pins: dict) -> Optional[str]:
+    """`preference.reference`'s pinned step folder (None when unset: the reference is `init_from`),
+    checked to be a full language model of `train.init_from`'s shape and tokenizer."""
+    reference = rundir.check_pin("preference.reference", pins.get("preference.reference"))
+    if reference is None:
+        return None
+    meta = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(reference))
+    saved = meta["config"]
+    if saved.get("lora") or saved["train"]["phase"] in ("reward", "ppo"):
+        raise ConfigError(f"preference.reference={reference} is a {saved['train']['phase']} run's checkpoint"
+                          f"{' of LoRA adapters' if saved.get('lora') else ''}, not a policy's full parameters; "
+                          "give a pretrain, sft or dpo run without LoRA (or its `pjlm export-hf` merged model, "
+                          "imported)")
+    _check_shape(model_cfg, reference, saved["model"], "preference.reference",
+                 "give a reference of train.init_from's architecture (e.g. the SFT run it descends from)")
+    if meta.get("tokenizer") and meta["tokenizer"] != tokenizer.fingerprint():
+        raise ConfigError(f"preference.reference={reference} was trained with tokenizer {meta['tokenizer']}, but "
+                          f"this run uses {tokenizer.fingerprint()}; give a reference with train.init_from's tokenizer")
+    return reference
 
 
 def create_or_restore(run: _Run, checkpointer: ckpt_lib.Checkpointer) -> tuple[TrainState, Any]:
@@ -327,7 +352,8 @@ def _check_tokenizer(meta: dict, tokenizer, where) -> None:
 def _meta(run: _Run, step: int, last_eval: Optional[dict] = None) -> dict:
     meta = {"config": to_dict(run.config), "step": step, "phase": run.config.train.phase,
             "tokenizer": run.tokenizer.fingerprint(), "git_revision": git_revision(), "eval": last_eval or {},
-            "pinned": {"train.init_from": run.init_from, "ppo.reward_model": run.reward_model, **run.reward_models}}
+            "pinned": {"train.init_from": run.init_from, "preference.reference": run.reference,
+                       "ppo.reward_model": run.reward_model, **run.reward_models}}
     if last_eval and "eval_reward_mean" in last_eval:  # RL normalises the reward model's scores with these
         meta["reward_stats"] = {"mean": last_eval["eval_reward_mean"], "std": last_eval["eval_reward_std"]}
     return meta
@@ -409,14 +435,15 @@ def run(config: Config, workdir: str | Path, *, allow_config_change: bool = Fals
 
 
 def _reference(r: _Run, state: TrainState, state_shardings: Any) -> Optional[Any]:
-    """DPO's frozen reference: `init_from`'s parameters, read again (never aliasing the donated state);
-    with `precompute_ref`, used once to cache log-probs for every example and then dropped."""
+    """DPO's frozen reference: `preference.reference`'s parameters, else `init_from`'s read again (never
+    aliasing the donated state); with `precompute_ref`, used once to cache log-probs for every example
+    and then dropped."""
     if r.config.train.phase != "dpo" or r.config.preference.loss_type == "simpo":
         return None
     if r.config.lora is not None:  # the reference is the frozen base itself, inside the step
         ref = state.frozen
     else:
-        ref, _ = ckpt_lib.load_params(r.init_from,
+        ref, _ = ckpt_lib.load_params(r.reference or r.init_from,
                                       ckpt_lib.abstract_like(state.params, state_shardings.params))
     if not r.config.preference.precompute_ref:
         return None if r.config.lora is not None else ref
@@ -437,7 +464,8 @@ def _millions(n: int) -> str:
 def startup_summary(r: _Run, start: int, trained: Any, frozen: Any = None) -> list[str]:
     """What a run is about to do, as lines: where it runs (backend, processes, devices, mesh), the
     model (parameters trained and frozen, attention kernel), the data (rows and tokens per step, steps
-    per epoch) and where checkpoints go. Process 0 prints it at the start of every phase."""
+    per epoch), where checkpoints go, and DPO's reference checkpoint. Process 0 prints it at the start
+    of every phase."""
     from pjlm.model import resolve_attention
 
     c, t, d = r.config, r.config.train, r.config.data
@@ -454,6 +482,10 @@ def startup_summary(r: _Run, start: int, trained: Any, frozen: Any = None) -> li
     per_epoch = r.train_batches.steps_per_epoch
     epochs = f" ({t.steps / per_epoch:.2f} epochs)" if per_epoch else ""
     resume = f", resuming at step {start}" if start else ""
+    reference = []
+    if t.phase == "dpo" and c.preference.loss_type != "simpo":
+        source = "preference.reference" if r.reference else "train.init_from"
+        reference = [f"reference: {r.reference or r.init_from} ({source}{', the frozen LoRA base' if c.lora else ''})"]
     return [
         f"{t.phase} on {jax.default_backend()}: {jax.process_count()} process(es), {len(devices)} device(s) "
         f"({', '.join(kinds)}), mesh {mesh}",
@@ -463,6 +495,7 @@ def startup_summary(r: _Run, start: int, trained: Any, frozen: Any = None) -> li
         f"tokens); {per_epoch} steps per epoch; {t.steps} steps{epochs}{resume}",
         f"checkpoints: {r.workdir / 'checkpoints'} every {t.checkpoint_every} steps (keeping {t.keep_checkpoints}); "
         f"metrics: {r.workdir / metrics_lib.METRICS_FILE}",
+        *reference,
     ]
 
 

@@ -2,9 +2,10 @@
 
 pretrain / sft: `lm_step` on packed or padded rows. reward: the scalar head, `reward_step`; its
 held-out accuracy and the reward mean/std (saved in the checkpoint's meta, for RL to normalise).
-dpo: `dpo_step` against a frozen reference tree (the `init_from` parameters, loaded a second time
-so it never aliases the donated state), or against reference log-probs cached once in the work
-directory (`preference.precompute_ref`), after which the reference tree is dropped.
+dpo: `dpo_step` against a frozen reference tree (`preference.reference`'s parameters, else the
+`init_from` ones loaded a second time so it never aliases the donated state), or against reference
+log-probs cached once in the work directory (`preference.precompute_ref`), after which the reference
+tree is dropped.
 """
 
 from __future__ import annotations
@@ -120,9 +121,10 @@ def reference_key(run, batcher) -> str:
     the checksums it was saved with), the tokenizer, the data and how it is cut, the compute dtype."""
     from pjlm import checkpoint as ckpt_lib
 
-    meta = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(run.init_from))
+    reference = run.reference or run.init_from
+    meta = ckpt_lib.read_meta(*ckpt_lib.resolve_checkpoint(reference))
     d = run.config.data
-    parts = {"reference": run.init_from, "reference_checksums": meta.get("checksums", {}).get("params"),
+    parts = {"reference": reference, "reference_checksums": meta.get("checksums", {}).get("params"),
              "tokenizer": run.tokenizer.fingerprint(), "data": run.data_fingerprint, "rows": len(batcher.ds),
              "cut": [d.seq_len, list(d.buckets), d.max_prompt_len, d.pack, d.eval_rows, d.seed],
              "dtype": run.model.config.dtype, "vocab": run.model.config.vocab_size}

@@ -10,7 +10,8 @@
   starting at once the last writer keeps it and the other stops.
 - `RunRecord` (`run.json`): what defines the run, written at its first start — every config field
   (classified in `pjlm.config_rules.RESUME`), the tokenizer and data fingerprints, and the
-  checkpoints it reads (`train.init_from`, `ppo.reward_model`) resolved to the step they had then.
+  checkpoints it reads (`train.init_from`, `preference.reference`, `ppo.reward_model`) resolved to
+  the step they had then.
   A resume compares against it: a changed *refuse* field stops with a diff unless the caller allows
   it; *warn* fields are printed; every change is appended to the record's history. The pinned
   steps are used for as long as the run lives, so a reference that moved on never leaks in.
@@ -244,8 +245,9 @@ def reward_model_paths(rewards) -> dict[str, str]:
 
 def resolve_pins(config) -> dict:
     """The checkpoints a run reads, each resolved to its step now (see `pin_checkpoint`)."""
-    ppo = config.train.phase == "ppo"
+    ppo, dpo = config.train.phase == "ppo", config.train.phase == "dpo"
     pins = {"train.init_from": pin_checkpoint(config.train.init_from),
+            "preference.reference": pin_checkpoint(config.preference.reference) if dpo else None,
             "ppo.reward_model": pin_checkpoint(config.ppo.reward_model) if ppo else None}
     if ppo:
         pins.update({key: pin_checkpoint(path) for key, path in reward_model_paths(config.ppo.rewards).items()})
@@ -270,7 +272,8 @@ def _plain(value: Any) -> Any:
 
 def _definition(config) -> dict:
     values = _plain(field_values(config))
-    for key in ("train.init_from", "ppo.reward_model", "data.tokenizer"):  # paths compare by what they name
+    paths = ("train.init_from", "preference.reference", "ppo.reward_model", "data.tokenizer")
+    for key in paths:  # paths compare by what they name
         if values.get(key):
             values[key] = str(fileio.location(values[key], key))
     return values
@@ -330,6 +333,9 @@ class RunRecord:
         for key in ("train.init_from", "ppo.reward_model"):  # a forced new source is pinned afresh
             if key in refused:
                 self.pins[key] = pin_checkpoint(definition.get(key))
+        if "preference.reference" in refused:
+            dpo = definition.get("train.phase") == "dpo"
+            self.pins["preference.reference"] = pin_checkpoint(definition["preference.reference"]) if dpo else None
         if "ppo.rewards" in refused and definition.get("train.phase") == "ppo":
             for key in [k for k in self.pins if k.startswith("ppo.rewards[")]:
                 del self.pins[key]
