@@ -46,6 +46,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
+from pjlm import bt
 from pjlm.errors import ConfigError, DataError
 
 
@@ -88,12 +89,7 @@ def kl_per_prompt(scores_PM: npt.ArrayLike, n: int, *, tie_tolerance: float = 0.
     """The plug-in KL(π_BoN ‖ π_ref) of each prompt, [P], from M reward samples of π_ref per prompt:
     the exact KL under the empirical distribution of that prompt's M scores (see the module docstring)."""
     n = _check_n(n)
-    scores = np.array(scores_PM, dtype=np.float64)
-    if scores.ndim != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
-        raise DataError(f"scores must be [prompts, samples] with at least one of each, got shape {scores.shape}")
-    if not np.all(np.isfinite(scores)):
-        p, m = np.argwhere(~np.isfinite(scores))[0]
-        raise DataError(f"scores must be finite; scores[{p}, {m}] = {scores[p, m]}")
+    scores = bt.check_score_matrix(scores_PM, "[prompts, samples] with at least one of each")
     tol = _check_tolerance(tie_tolerance)
     P, M = scores.shape
     s = np.sort(scores, axis=1)

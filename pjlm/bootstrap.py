@@ -108,12 +108,7 @@ def prompt_wins(scores_PK: npt.ArrayLike, *, tie_tolerance: float = 0.0) -> np.n
     better): wins[p, i, j] = 1 if i outscored j on prompt p, ½ each way within `tie_tolerance`.
     Summed over prompts it is `bt.wins_from_scores(scores_PK.T)` (note the transpose: that takes
     [items, prompts])."""
-    s = np.asarray(scores_PK, dtype=np.float64)
-    if s.ndim != 2 or s.shape[0] < 1 or s.shape[1] < 2:
-        raise DataError(f"scores must be [prompts, methods] with at least 2 methods, got shape {s.shape}")
-    if not np.all(np.isfinite(s)):
-        p, k = np.argwhere(~np.isfinite(s))[0]
-        raise DataError(f"scores must be finite; scores[{p}, {k}] = {s[p, k]}")
+    s = bt.check_score_matrix(scores_PK, "[prompts, methods] with at least 2 methods", min_columns=2)
     tol = float(tie_tolerance)
     if not math.isfinite(tol) or tol < 0:
         raise ConfigError(f"tie_tolerance must be a finite number ≥ 0, got {tie_tolerance}")

@@ -45,6 +45,8 @@ from typing import Union
 import numpy as np
 import numpy.typing as npt
 
+from pjlm.errors import DataError
+
 IndexLike = Union[int, npt.ArrayLike]
 
 
@@ -85,6 +87,19 @@ def _check_scores(scores_N: npt.ArrayLike, n: int) -> np.ndarray:
     if beta.shape != (n,):
         raise ValueError(f"scores must have shape ({n},) to match wins, got {beta.shape}")
     return beta
+
+
+def check_score_matrix(scores: npt.ArrayLike, layout: str, *, min_columns: int = 1) -> np.ndarray:
+    """Per-prompt scores as a finite float64 2-D array with at least one row and `min_columns`
+    columns; otherwise a DataError that states `layout` (e.g. "[prompts, samples] with at least one
+    of each") or names the first non-finite entry. Shared by `pjlm.best_of_n` and `pjlm.bootstrap`."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] < 1 or s.shape[1] < min_columns:
+        raise DataError(f"scores must be {layout}, got shape {s.shape}")
+    if not np.all(np.isfinite(s)):
+        i, j = np.argwhere(~np.isfinite(s))[0]
+        raise DataError(f"scores must be finite; scores[{i}, {j}] = {s[i, j]}")
+    return s
 
 
 def _strongly_connected(w: np.ndarray) -> bool:

@@ -18,7 +18,6 @@ Legend: B rows, P prompt length, T response length.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pjlm import best_of_n
 from pjlm import checkpoint as ckpt_lib
 from pjlm import lora, scorers, sharding
 from pjlm import rewards as rewards_lib
@@ -39,10 +39,11 @@ _logps = jax.jit(response_logps, static_argnames=("model", "temperature", "with_
 
 
 def best_of_n_kl(n: int) -> float:
-    """KL(best-of-n ‖ base) = log n − (n−1)/n for a continuous score (0 at n = 1)."""
+    """KL(best-of-n ‖ base) = log n − (n−1)/n for a continuous score (0 at n = 1):
+    `pjlm.best_of_n.analytic_kl`, kept under this name."""
     if n < 1:
         raise ValueError(f"best-of-n needs n ≥ 1, got {n}")
-    return math.log(n) - (n - 1) / n
+    return best_of_n.analytic_kl(n)
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[dict]) -> list[int]:

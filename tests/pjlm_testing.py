@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: optional-dependency imports, a tiny training run, small data files, and
-`assert_close`, DESIGN.md's tolerance rule.
+"""Helpers shared by the tests: optional-dependency imports, a tiny training run, small data files,
+`assert_close`, DESIGN.md's tolerance rule, and a preempted run to resume.
 
 (A plain module, not a conftest, so `from pjlm_testing import ...` names exactly one file.)
 """
@@ -166,6 +166,42 @@ def hf_chat_tokenizer_dir(directory, texts, chat_template: str, *, vocab_size: i
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump(config, f)
     return hf
+
+
+def preempt_run(config: Config, workdir, batcher_cls, *, at_batch: int):
+    """Run `config` in `workdir`, this process sent SIGTERM while `batcher_cls.batch` makes the batch of
+    step index `at_batch`; check that the run saves and raises `Preempted` once that step is done (step
+    at_batch + 1 of config.train.steps, the signal SIGTERM, that step's checkpoint the latest), and
+    return the error. The patch is undone on return, so the same config then resumes the run."""
+    import signal
+
+    from pjlm import checkpoint as ckpt_lib
+    from pjlm.train import loop
+
+    original = batcher_cls.batch
+
+    def preempt(self, step):
+        if step == at_batch:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop saves after this step and raises
+        return original(self, step)
+
+    done = at_batch + 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batcher_cls, "batch", preempt)
+        with pytest.raises(loop.Preempted, match=f"preempted at step {done} of {config.train.steps}") as stopped:
+            loop.run(config, workdir)
+    assert (stopped.value.step, stopped.value.signum) == (done, signal.SIGTERM)
+    assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == done
+    return stopped.value
+
+
+def assert_same_training_state(got, want) -> None:
+    """Two runs' parameters and optimizer states are bit-for-bit equal (e.g. resumed and uninterrupted)."""
+    import chex
+    import jax
+
+    chex.assert_trees_all_equal(jax.device_get(got.state.params), jax.device_get(want.state.params))
+    chex.assert_trees_all_equal(jax.device_get(got.state.opt_state), jax.device_get(want.state.opt_state))
 
 
 def _saved_metadata(step_dir, item: str):

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,14 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from pjlm import checkpoint as ckpt_lib
 from pjlm.config import ConfigError
 from pjlm.data import batching, pipeline, prepared, synthetic
 from pjlm.data.prepare import prepare
 from pjlm.data.prepared import PreparedBatcher
 from pjlm.data.tokenizer import SentencePieceTokenizer
 from pjlm.train import loop
-from pjlm_testing import tiny_config
+from pjlm_testing import assert_same_training_state, preempt_run, tiny_config
 
 N_DOCS, EVAL_ROWS, SEQ_LEN = 2300, 100, 32  # training documents: two whole packing groups and a part
 
@@ -232,7 +230,7 @@ def test_memory_stays_flat_from_a_corpus_to_eight_times_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretraining_on_prepared_data_runs_and_resumes_exactly(tmp_path, monkeypatch):
+def test_pretraining_on_prepared_data_runs_and_resumes_exactly(tmp_path):
     source = _write_jsonl(tmp_path / "corpus.jsonl", synthetic.generate(600, seed=2))
     data = dict(source=source, eval_rows=60, tokenizer_vocab_size=320)
     train = dict(steps=6, checkpoint_every=3, log_every=3, eval_every=0)
@@ -246,18 +244,6 @@ def test_pretraining_on_prepared_data_runs_and_resumes_exactly(tmp_path, monkeyp
     saved = (tmp_path / "straight" / "tokenizer.model").read_bytes()
     assert saved == (tmp_path / "data" / "tokenizer.model").read_bytes(), "the run keeps the prepared tokenizer"
 
-    original = PreparedBatcher.batch
-
-    def preempt_at_3(self, step):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # the loop saves after this step and raises
-        return original(self, step)
-
-    monkeypatch.setattr(PreparedBatcher, "batch", preempt_at_3)
-    with pytest.raises(loop.Preempted, match="preempted at step 4 of 6"):
-        loop.run(config, tmp_path / "resumed")
-    monkeypatch.setattr(PreparedBatcher, "batch", original)
-    assert ckpt_lib.Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 4
+    preempt_run(config, tmp_path / "resumed", PreparedBatcher, at_batch=3)  # stops after step 4 of 6
     resumed = loop.run(config, tmp_path / "resumed")
-    chex.assert_trees_all_equal(jax.device_get(resumed.state.params), jax.device_get(straight.state.params))
-    chex.assert_trees_all_equal(jax.device_get(resumed.state.opt_state), jax.device_get(straight.state.opt_state))
+    assert_same_training_state(resumed, straight)

@@ -1,7 +1,5 @@
 import json
 import math
-import os
-import signal
 
 import chex
 import jax
@@ -14,7 +12,7 @@ from pjlm import sharding
 from pjlm.config import MeshConfig
 from pjlm.data.loader import Batcher
 from pjlm.train import loop
-from pjlm_testing import hf_tokenizer_dir
+from pjlm_testing import assert_same_training_state, hf_tokenizer_dir, preempt_run
 
 
 def _unigram_entropy(batcher, steps):
@@ -42,31 +40,17 @@ def test_loss_falls_below_the_unigram_entropy(make_config, tmp_path):
     assert (tmp_path / "tokenizer.model").exists() and (tmp_path / "config.json").exists()
 
 
-def test_resume_after_sigterm_equals_uninterrupted(make_config, tmp_path, monkeypatch):
+def test_resume_after_sigterm_equals_uninterrupted(make_config, tmp_path):
     config = make_config(train=dict(steps=20, checkpoint_every=5))
     straight = loop.run(config, tmp_path / "straight")
-
-    original = Batcher.batch
-
-    def preempt_at_10(self, step):
-        if step == 10:
-            os.kill(os.getpid(), signal.SIGTERM)  # the loop saves after this step and returns
-        return original(self, step)
-
-    monkeypatch.setattr(Batcher, "batch", preempt_at_10)
-    with pytest.raises(loop.Preempted, match="preempted at step 11 of 20") as stopped:
-        loop.run(config, tmp_path / "resumed")
-    assert (stopped.value.step, stopped.value.signum) == (11, signal.SIGTERM)
-    assert ckpt_lib.Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 11
+    preempt_run(config, tmp_path / "resumed", Batcher, at_batch=10)  # stops after step 11 of 20
     logged = [m["step"] for m in metrics_lib.read_metrics(tmp_path / "resumed") if "loss" in m]
     assert logged == [5, 10, 11], "the partial window before the preemption is logged"
-    monkeypatch.setattr(Batcher, "batch", original)
     resumed = loop.run(config, tmp_path / "resumed")
     assert int(resumed.state.step) == 20
     logged = [m["step"] for m in metrics_lib.read_metrics(tmp_path / "resumed") if "loss" in m]
     assert logged == [5, 10, 11, 15, 20], "no step is logged twice"
-    chex.assert_trees_all_equal(jax.device_get(resumed.state.params), jax.device_get(straight.state.params))
-    chex.assert_trees_all_equal(jax.device_get(resumed.state.opt_state), jax.device_get(straight.state.opt_state))
+    assert_same_training_state(resumed, straight)
 
 
 def test_epochs_set_the_steps_from_the_tokenized_data_and_the_start_says_so(make_config, tmp_path, capsys):
