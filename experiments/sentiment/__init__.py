@@ -2,6 +2,7 @@
 how much KL from the SFT policy (the small-scale analogue of the DPO paper's §6.1 and Fig. 2).
 
     python -m experiments.sentiment --workdir runs/sentiment                 # the default, CPU-sized
+    python -m experiments.sentiment --workdir runs/sentiment --seeds 3       # three seeds, with bands
     python -m experiments.sentiment --workdir runs/sweep --scale sweep       # the full sweep
     python -m experiments.sentiment --workdir runs/imdb --scale gpu --corpus stanfordnlp/imdb --split train+test
 
@@ -14,11 +15,18 @@ Phases, each in its own sub-directory of the work directory:
 3. `data/pairs_*.jsonl`: 4 SFT samples per training prompt, scored by VADER; every pair of them
    whose scores differ by at least `min_gap` is a preference pair (the more positive chosen);
 4. `reward/`: a Bradley–Terry reward model on those pairs (held-out accuracy in the report);
-5. `dpo-*/`, `ppo-rm-*/`, `ppo-gt-*/`: DPO, PPO on the learned reward model, and PPO on VADER itself,
-   every one starting from (and regularised towards) the SFT policy;
+5. `dpo-*/`, `dpo-online-*/`, `ppo-rm-*/`, `ppo-gt-*/`: DPO, online DPO (rounds of pairs sampled
+   from the current policy and ranked by the reward model; `round-<k>/` each), PPO on the learned
+   reward model, and PPO on VADER itself, every one starting from (and regularised towards) the SFT
+   policy;
 6. `evals.json`: every checkpoint of every run placed on the reward–KL plane from the same held-out
    prompts, plus SFT and best-of-N from SFT (ranked by the reward model, and by VADER as an oracle);
 7. `results.json`, `frontier.png`, `objective.png`, `curves.png`, `leaderboard.md`, `report.md` (see `report`).
+
+With `--seeds S`, phases 3–6 run again for seeds 1 … S−1 in `seed-<s>/` (their own pairs, reward
+model, runs and samples; data, pre-training and SFT shared), and the report gives every number as the
+mean over seeds ± its standard error over seeds. Seed 0 is the one-seed run, so adding seeds to a
+work directory keeps what it has.
 
 Re-running with the same work directory skips what is finished (a phase whose last checkpoint is at
 its final step, a data file that exists, an evaluated point) and resumes an interrupted run from its
@@ -34,7 +42,9 @@ test suite's (the `tiny` model, about 3 minutes); `sweep` and `gpu` have not bee
 Modules, each importing only those listed before it: `common` (sizes, the timings ledger), `phases`
 (data, pairs, configs, running a phase), `evaluation` (sampling and scoring every policy, best-of-N,
 distances to the optimum), `markdown` and `report` (tables, plots, report.md), `pipeline` (the phases
-in order; `main`), and `composite` (a second study on the same SFT: `python -m experiments.sentiment.composite`).
+in order; `main`); beside them, on the same SFT, `composite` (PPO on two weighted reward models:
+`python -m experiments.sentiment.composite`) and `dpo_study` (DPO retrained with one thing changed at a
+time, to find what limits it: `python -m experiments.sentiment.dpo_study`).
 """
 
 from experiments.sentiment.pipeline import main, run_pipeline

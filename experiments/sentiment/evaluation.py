@@ -1,15 +1,15 @@
 """The controlled-sentiment study's evaluation: every policy placed on the reward–KL plane, and the
 trained ones measured against the optimum they aim at.
 
-All points use the same held-out prompts, one sample each at temperature 1 with the same seed, so
-methods differ only by their policy. Each sample is scored by VADER (the ground truth) and by the
+All points use the same held-out prompts, one sample each at temperature 1 with the same seed (one
+per seed of the study), so methods differ only by their policy. Each sample is scored by VADER (the ground truth) and by the
 learned Bradley–Terry reward model, normalised as PPO sees it ((s − mean)/std, its saved held-out
 statistics); KL(π ‖ π_SFT) is the Monte-Carlo sequence KL of each sample (`pjlm.evaluate.reward_and_kl`),
 kept per prompt so that J = E[r] − β·KL has a standard error over prompts.
 
-Best-of-N draws M = max N candidates per prompt from SFT and keeps the best of the first N by the
-scorer that picks (the reward model, or VADER as an oracle); its KL is the plug-in estimate from the
-candidates' scores under that scorer (`pjlm.best_of_n.kl_per_prompt`, right when scores tie), not
+Best-of-N draws M = `bon_candidates` · max N candidates per prompt from SFT and keeps the best of
+the first N by the scorer that picks (the reward model, or VADER as an oracle); its KL is the plug-in
+estimate from all M candidates' scores under that scorer (`pjlm.best_of_n.kl_per_prompt`, right when scores tie), not
 log N − (N−1)/N. The same candidates, scored by SFT and by each fixed-β run's final policy, give the
 distance of that policy to Lemma 1's optimum π*_C on them (`pjlm.optimum.distances`, in `distances.json`).
 
@@ -25,12 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from pjlm import best_of_n as bon
-from pjlm import checkpoint as ckpt_lib
 from pjlm import evaluate, optimum, sharding
 from pjlm.config import MeshConfig
 from pjlm.fileio import read_jsonl, write_atomic
 from pjlm.sample import load_for_sampling
-from experiments.sentiment.common import Scale
+from experiments.sentiment.common import SEED_STRIDE, Scale, seed_root
 
 SAMPLES_KEPT = 4
 """Held-out prompts whose samples each point keeps for the report."""
@@ -59,11 +58,16 @@ def _floats(x) -> list[float]:
 
 
 class Evaluator:
-    def __init__(self, root: Path, scale: Scale, vader):
-        self.root, self.scale, self.vader = root, scale, vader
-        self.path = root / "evals.json"
+    """Seed `seed`'s evaluation: its policies (in its `seed_root`) sampled with its own seeds, against
+    the shared SFT on the shared held-out prompts; points in `evals.json`, distances in
+    `distances.json` of the seed's directory."""
+
+    def __init__(self, root: Path, scale: Scale, vader, seed: int = 0, evals_path: Path | None = None):
+        self.root, self.scale, self.vader, self.seed = root, scale, vader, seed
+        self.sroot = seed_root(root, seed)
+        self.path = evals_path or self.sroot / "evals.json"
         self.points: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.distances_path = root / "distances.json"
+        self.distances_path = self.sroot / "distances.json"
         self.distances: dict[str, dict] = (json.loads(self.distances_path.read_text())
                                            if self.distances_path.exists() else {})
         self.prompts = [r["prompt"] for r in read_jsonl(root / "data" / "prompts_eval.jsonl")]
@@ -95,7 +99,7 @@ class Evaluator:
         """The reward model's normalised score (s − mean)/std of each row of a rollout: float64 [B]."""
         if self._rm is None:
             mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
-            self._rm = evaluate.load_reward_model(self.root / "reward", self.sft[0].config, mesh)
+            self._rm = evaluate.load_reward_model(self.sroot / "reward", self.sft[0].config, mesh)
         score, mean, std = self._rm
         raw = np.asarray(score(rollout["tokens"], rollout["prompt_mask"], rollout["response_mask"]), np.float64)
         return (raw - mean) / std
@@ -105,7 +109,7 @@ class Evaluator:
             return
         model, sft_params, tokenizer = self.sft
         out = evaluate.reward_and_kl(model, params, sft_params, tokenizer, self.prompts, self.vader,
-                                     max_new_tokens=self.scale.max_new_tokens, seed=0)
+                                     max_new_tokens=self.scale.max_new_tokens, seed=SEED_STRIDE * self.seed)
         out["rm_scores"] = self.learned_reward(out["rollout"])
         self._record(method, hp, step, out)
         print(f"[sentiment] {method} {hp} step {step}: reward {out['reward']:+.3f} ± {out['reward_se']:.3f}, "
@@ -117,9 +121,9 @@ class Evaluator:
             # Step 0 of every method is the SFT policy itself (same parameters, same samples).
             self.points.setdefault(_key(run.method, run.hp, 0), {**self.points[_key("sft", "-", 0)],
                                                                   "method": run.method, "hp": run.hp})
-            for step in ckpt_lib.checkpoint_steps(self.root / run.name / "checkpoints"):
+            for step, folder in run.checkpoints(self.sroot / run.name):
                 if _key(run.method, run.hp, step) not in self.points:
-                    _, params, _ = evaluate.load_policy(self.root / run.name / "checkpoints" / str(step))
+                    _, params, _ = evaluate.load_policy(folder)
                     self.policy_point(run.method, run.hp, step, params)
         self.best_of_n()
         self._save()
@@ -127,14 +131,16 @@ class Evaluator:
             self.distance_to_optimum(run)
 
     def candidates(self) -> dict:
-        """M = max N samples per held-out prompt from SFT, chunk by chunk: texts, VADER and learned
-        scores [P, M], SFT log-probs [P, M], the mask of distinct candidates [P, M], and the rollouts."""
+        """M = bon_candidates · max N samples per held-out prompt from SFT, chunk by chunk: texts, VADER
+        and learned scores [P, M], SFT log-probs [P, M], the mask of distinct candidates [P, M], and
+        the rollouts."""
         if self._candidates is None:
             model, params, tokenizer = self.sft
-            M, P = max(self.scale.bon_ns), len(self.prompts)
+            M, P = self.scale.bon_candidates * max(self.scale.bon_ns), len(self.prompts)
             drawn = evaluate.sample_in_chunks(model, params, tokenizer, self.prompts, M,
                                               rows_per_call=self.scale.sample_rows,
-                                              max_new_tokens=self.scale.max_new_tokens, seed=CANDIDATE_SEED)
+                                              max_new_tokens=self.scale.max_new_tokens,
+                                              seed=CANDIDATE_SEED + SEED_STRIDE * self.seed)
             per_chunk = lambda f: np.concatenate([f(c) for c in drawn["chunks"]]).reshape(P, M)
             unique = lambda c: optimum.unique_candidates(  # the same prompt: compare the responses
                 np.asarray(c["rollout"]["tokens"])[:, c["rollout"]["prompt_mask"].shape[1]:].reshape(
@@ -172,22 +178,22 @@ class Evaluator:
         """TV and KL between a fixed-β run's final policy and π*_C = softmax_C(log π_SFT + r/β) on the
         SFT candidates of each held-out prompt, r the reward the run was trained on (VADER for PPO on
         VADER, the learned reward otherwise)."""
-        steps = ckpt_lib.checkpoint_steps(self.root / run.name / "checkpoints")
-        if run.beta is None or not steps or run.name in self.distances:
+        saved = run.checkpoints(self.sroot / run.name)
+        if run.beta is None or not saved or run.name in self.distances:
             return
         model, _, _ = self.sft
-        _, params, _ = evaluate.load_policy(self.root / run.name / "checkpoints" / str(steps[-1]))
+        _, params, _ = evaluate.load_policy(saved[-1][1])
         cand = self.candidates()
         P, M = cand["vader"].shape
         policy = np.concatenate([evaluate.sequence_logps(model, params, c["rollout"])
                                  for c in cand["chunks"]]).reshape(P, M)
         reward = "vader" if run.method == "ppo-gt" else "learned"
         r = cand[reward]
-        if run.method == "dpo":  # DPO fits the Bradley–Terry preference itself, so its optimum has the model's own
+        if run.method.startswith("dpo"):  # DPO fits the Bradley–Terry preference itself, so its optimum has the model's own
             reward, r = "learned (raw)", r * self._rm[2]  # scale: the raw score (a shift per prompt changes nothing),
             #                                               not PPO's score divided by its std
         d = optimum.distances(policy, cand["sft_logps"], r, run.beta, cand["unique"])
-        self.distances[run.name] = {"method": run.method, "hp": run.hp, "step": steps[-1], "beta": run.beta,
+        self.distances[run.name] = {"method": run.method, "hp": run.hp, "step": saved[-1][0], "beta": run.beta,
                                     "reward": reward, "candidates": M, **d.summary(),
                                     "candidates_mean": float(d.n_candidates_P.mean()),
                                     "policy_log_mass_mean": float(d.policy_log_mass_P.mean())}

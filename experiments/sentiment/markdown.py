@@ -27,6 +27,14 @@ there.
 """
 
 
+SEEDS = """\
+**Seeds.** Every number below is the mean over the {seeds} seeds ± its standard error over seeds
+(s.d./√{seeds}), which holds the training's variance as well as the sampling's; the frontier draws each
+seed's own runs faintly behind the means. The leaderboard plays every seed's games on the shared
+held-out prompts and resamples prompts. Per-seed values are in results.json (`per_seed`).
+"""
+
+
 def _pm(value: float, se: float, digits: int = 3) -> str:
     return f"{value:+.{digits}f} ± {se:.{digits}f}"
 
@@ -54,19 +62,43 @@ def leaderboard_table(board: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+READING_LABELS = {"rm": "learned r (normalised)", "rm_raw": "learned r (own scale)", "vader": "VADER"}
+
+
 def objective_table(rows: list[dict]) -> str:
-    """One row per policy, two columns per β: J with the learned reward, and with VADER."""
+    """One row per policy, one column per β and reward: J with the learned reward as PPO sees it, on
+    its own scale (as DPO sees it), and with VADER."""
     if not rows:
         return "(no policy has per-prompt learned rewards and KL recorded)\n"
     betas = list(dict.fromkeys(r["beta"] for r in rows))
-    head = "| policy | " + " | ".join(f"J, β={b:g}: learned r | J, β={b:g}: VADER" for b in betas) + " |"
-    lines = [head, "|---|" + "---:|" * (2 * len(betas))]
+    readings = [k for k in READING_LABELS if f"j_{k}" in rows[0]]
+    head = "| policy | " + " | ".join(f"β={b:g}: {READING_LABELS[k]}" for b in betas for k in readings) + " |"
+    lines = [head, "|---|" + "---:|" * (len(readings) * len(betas))]
     for policy in dict.fromkeys(r["policy"] for r in rows):
         by_beta = {r["beta"]: r for r in rows if r["policy"] == policy}
-        cells = [f"{_pm(by_beta[b]['j_rm'], by_beta[b]['j_rm_se'])} | {_pm(by_beta[b]['j_vader'], by_beta[b]['j_vader_se'])}"
-                 for b in betas]
+        cells = [_pm(by_beta[b][f"j_{k}"], by_beta[b][f"j_{k}_se"]) for b in betas for k in readings]
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def objective_leaders(rows: list[dict]) -> str:
+    """For each trained policy with a fixed β, where it stands on the objective it was trained for:
+    J at its own β and reward, against the best policy's J in that column."""
+    own = {"dpo": "rm_raw", "dpo-online": "rm_raw", "ppo-rm": "rm", "ppo-gt": "vader"}
+    lines = []
+    for r in rows:
+        key = own.get(r["method"])
+        hp = r["policy"].rsplit("β=", 1)
+        if key is None or len(hp) != 2 or f"j_{key}" not in r or float(hp[1]) != r["beta"]:
+            continue
+        column = [q for q in rows if q["beta"] == r["beta"] and f"j_{key}" in q]
+        best = max(column, key=lambda q: q[f"j_{key}"])
+        verdict = "the highest in its column" if best is r else (
+            f"below {best['policy']}'s {best[f'j_{key}']:+.3f} by "
+            f"{(best[f'j_{key}'] - r[f'j_{key}']) / max((best[f'j_{key}_se'] ** 2 + r[f'j_{key}_se'] ** 2) ** 0.5, 1e-12):.1f} s.e.")
+        lines.append(f"- {r['policy']}: J = {_pm(r[f'j_{key}'], r[f'j_{key}_se'])} on its own objective "
+                     f"(β={r['beta']:g}, {READING_LABELS[key]}): {verdict}.")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def distances_table(rows: list[dict]) -> str:
@@ -94,17 +126,22 @@ def _samples(finals: dict) -> str:
 def report(results: dict, finals: dict) -> str:
     phases = "\n".join(f"| {k} | {v:.0f} |" for k, v in results["phase_seconds"].items())
     versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
-    acc = results["reward_model_eval_accuracy"]
+    accs = ", ".join("n/a" if a is None else f"{a:.3f}" for a in results["reward_model_eval_accuracy"])
+    pairs = ", ".join(f"{p['train']}/{p['eval']}" for p in results["pairs"])
+    seeds = results.get("seeds", 1)
+    stds = ", ".join("n/a" if s is None else f"{s:.2f}" for s in results["reward_std"])
     return f"""# Controlled sentiment: reward against KL
 
     {results['command']}
 
 - Hardware: {results['hardware']}; Python {results['python']}; {versions}; git {results['git_revision']}.
 - Wall time: {results['wall_time_s'] / 60:.1f} min over all phases (table at the end).
-- Preference pairs from SFT samples: {results['pairs']['train']} for training, {results['pairs']['eval']} held out;
-  reward-model held-out accuracy {acc if acc is None else f"{acc:.3f}"}.
+- Seeds: {seeds} (pre-training and SFT shared; {"each seed has its own preference pairs, reward model, DPO and PPO runs and samples" if seeds > 1 else "one run of everything after them"}).
+- Preference pairs from SFT samples (training/held out{", per seed" if seeds > 1 else ""}): {pairs};
+  reward-model held-out accuracy {accs}.
 
 {ABOUT}
+{SEEDS.format(seeds=seeds) if seeds > 1 else ""}
 ## Final policies
 
 {results_table(results)}
@@ -121,13 +158,16 @@ fit's own errors, which treat every game as independent, are shown beside them.
 ## The objective
 
 For each β of the study, every final policy's J = E[r] − β·KL(π ‖ π_SFT) on the held-out prompts (one
-sample per prompt; r and the KL estimate of the same sample, ± s.e. over prompts), with r the learned
-reward model's score normalised as PPO sees it, (s − mean)/std, and beside it with r = VADER. PPO on
-the reward model aims at the learned-reward column of its own β, PPO on VADER at VADER's; DPO fits the
-Bradley–Terry preference itself, whose reward is the raw score s, so its objective is the learned-reward
-column at β/std (std: the reward model's held-out spread, {results.get('reward_std') or float('nan'):.2f} here).
+sample per prompt; r and the KL estimate of the same sample), with three rewards r: the learned
+reward model's score normalised as PPO sees it, (s − mean)/std; the same score on its own
+Bradley–Terry scale, s − mean, which is the reward DPO's loss assumes (std, the reward model's
+held-out spread: {stds}); and VADER. PPO on the reward model maximises the first at its β, DPO and
+online DPO the second at theirs, PPO on VADER the third.
 
 {objective_table(results['objective'])}
+Each trained method on the objective it was trained for:
+
+{objective_leaders(results['objective'])}
 ![the objective against β](objective.png)
 
 ## Distance to the optimum

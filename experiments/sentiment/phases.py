@@ -22,7 +22,7 @@ from pjlm.config import (Config, DataConfig, MeshConfig, OptimizerConfig, PPOCon
 from pjlm.data import synthetic
 from pjlm.fileio import read_jsonl, write_jsonl
 from pjlm.sample import load_for_sampling
-from experiments.sentiment.common import MethodRun, Scale
+from experiments.sentiment.common import SEED_STRIDE, MethodRun, Scale, seed_root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,16 +74,24 @@ def prepare_data(root: Path, scale: Scale, corpus: str, text_field: str, split: 
     write_jsonl(data / "prompts_eval.jsonl", [{"prompt": p} for p in eval_prompts])
 
 
-def sample_sft(root: Path, scale: Scale, vader, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The SFT policy's `samples_per_prompt` samples of the first `sample_prompts` training prompts:
-    (prompts, texts [P, k], VADER scores [P, k])."""
-    model, params, tokenizer = load_for_sampling(root / "sft")
+def sample_policy(policy: Path, root: Path, scale: Scale, seed: int) -> tuple[list[str], np.ndarray, list[dict]]:
+    """The policy in work directory `policy` sampled `samples_per_prompt` times on each of the first
+    `sample_prompts` training prompts: (prompts, texts [P, k], the sampling chunks with their batches
+    and rollouts, row-major over prompts then samples)."""
+    model, params, tokenizer = load_for_sampling(policy)
     prompts = [r["prompt"] for r in read_jsonl(root / "data" / "prompts_train.jsonl")][:scale.sample_prompts]
     k = scale.samples_per_prompt
     drawn = evaluate.sample_in_chunks(model, params, tokenizer, prompts, k, rows_per_call=scale.sample_rows,
                                       max_new_tokens=scale.max_new_tokens, seed=seed)
-    scores = np.concatenate([vader(c["batch"]) for c in drawn["chunks"]]).reshape(len(prompts), k)
-    return prompts, np.asarray(drawn["texts"], dtype=object).reshape(len(prompts), k), scores
+    return prompts, np.asarray(drawn["texts"], dtype=object).reshape(len(prompts), k), drawn["chunks"]
+
+
+def sample_sft(root: Path, scale: Scale, vader, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The SFT policy's `samples_per_prompt` samples of the first `sample_prompts` training prompts:
+    (prompts, texts [P, k], VADER scores [P, k])."""
+    prompts, texts, chunks = sample_policy(root / "sft", root, scale, seed)
+    scores = np.concatenate([vader(c["batch"]) for c in chunks]).reshape(texts.shape)
+    return prompts, texts, scores
 
 
 def ranked_pairs(prompt: str, texts, scores, min_gap: float) -> list[dict]:
@@ -104,12 +112,13 @@ def write_pairs(directory: Path, stem: str, groups: list[list[dict]]) -> None:
     write_jsonl(directory / f"{stem}_eval.jsonl", [p for group in groups[cut:] for p in group])
 
 
-def make_pairs(root: Path, scale: Scale, vader) -> None:
-    """Sample the SFT policy on training prompts, score with VADER, keep pairs at least min_gap apart."""
-    data = root / "data"
+def make_pairs(root: Path, scale: Scale, vader, seed: int = 0) -> None:
+    """Sample the SFT policy on training prompts, score with VADER, keep pairs at least min_gap apart
+    (seed `seed`'s pairs, in its `seed_root`)."""
+    data = seed_root(root, seed) / "data"
     if (data / "pairs_eval.jsonl").exists():
         return
-    prompts, texts, scores = sample_sft(root, scale, vader, seed=1)
+    prompts, texts, scores = sample_sft(root, scale, vader, seed=1 + SEED_STRIDE * seed)
     write_pairs(data, "pairs", [ranked_pairs(p, t, s, scale.min_gap) for p, t, s in zip(prompts, texts, scores)])
 
 
@@ -131,35 +140,103 @@ def base_config(scale: Scale, phase: str, steps: int, lr: float, source: Path, i
     )
 
 
-def phase_configs(root: Path, scale: Scale) -> dict[str, Config]:
-    """pretrain, sft and reward, in order."""
-    data = root / "data"
+def seeded(config: Config, seed: int) -> Config:
+    """`config` with seed `seed` for its step randomness and its batch order (seed 0 leaves it as is)."""
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed),
+                               data=dataclasses.replace(config.data, seed=seed))
+
+
+def pair_data(pairs: Path, scale: Scale) -> dict:
+    """Data settings of a run on preference pairs `pairs`_train/_eval.jsonl."""
+    return dict(eval_source=str(pairs.with_name(pairs.name + "_eval.jsonl")), pack=False, buckets=(scale.max_len // 2,))
+
+
+def phase_configs(root: Path, scale: Scale, seed: int = 0) -> dict[str, Config]:
+    """pretrain, sft (shared by every seed) and seed `seed`'s reward model, in order."""
+    data, pairs = root / "data", seed_root(root, seed) / "data" / "pairs"
     pretrain = base_config(scale, "pretrain", scale.pretrain_steps, 3e-3, data / "pretrain.jsonl", None, eval_rows=200)
     sft = base_config(scale, "sft", scale.sft_steps, 1e-3, data / "sft.jsonl", root / "pretrain", eval_rows=200)
-    pairs = dict(eval_source=str(data / "pairs_eval.jsonl"), pack=False, buckets=(scale.max_len // 2,))
-    reward = base_config(scale, "reward", scale.reward_steps, 1e-3, data / "pairs_train.jsonl", root / "sft", **pairs)
+    reward = base_config(scale, "reward", scale.reward_steps, 1e-3, pairs.with_name("pairs_train.jsonl"), root / "sft",
+                         **pair_data(pairs, scale))
     reward = dataclasses.replace(reward, preference=PreferenceConfig(center_coef=0.01))
-    return {"pretrain": pretrain, "sft": sft, "reward": reward}
+    return {"pretrain": pretrain, "sft": sft, "reward": seeded(reward, seed)}
 
 
-def method_runs(root: Path, scale: Scale) -> list[MethodRun]:
-    data, sft = root / "data", root / "sft"
-    pairs = dict(eval_source=str(data / "pairs_eval.jsonl"), pack=False, buckets=(scale.max_len // 2,))
+def method_runs(root: Path, scale: Scale, seed: int = 0) -> list[MethodRun]:
+    """Seed `seed`'s DPO, online DPO and PPO runs (their work directories: `seed_root / run.name`)."""
+    sroot, sft = seed_root(root, seed), root / "sft"
+    pairs = sroot / "data" / "pairs"
     runs = []
     for beta in scale.dpo_betas:
-        cfg = base_config(scale, "dpo", scale.dpo_steps, scale.dpo_lr, data / "pairs_train.jsonl", sft, **pairs)
+        cfg = base_config(scale, "dpo", scale.dpo_steps, scale.dpo_lr, pairs.with_name("pairs_train.jsonl"), sft,
+                          **pair_data(pairs, scale))
         runs.append(MethodRun("dpo", f"β={beta:g}", dataclasses.replace(cfg, preference=PreferenceConfig(beta=beta))))
+    per_round = max(1, scale.dpo_steps // scale.online_rounds)
+    for beta in scale.online_dpo_betas:  # the config of every round but its pairs and start (`round_config`)
+        cfg = base_config(scale, "dpo", per_round, scale.dpo_lr, sroot / "pairs_train.jsonl", sft,
+                          **pair_data(sroot / "pairs", scale))
+        cfg = dataclasses.replace(cfg, preference=PreferenceConfig(beta=beta, reference=str(sft)),
+                                  train=dataclasses.replace(cfg.train, checkpoint_every=per_round, keep_checkpoints=1))
+        runs.append(MethodRun("dpo-online", f"β={beta:g}", cfg, rounds=scale.online_rounds))
     kl_settings = [(f"β={c:g}", dict(kl_coef=c)) for c in scale.ppo_kl_coefs]
     kl_settings += [(f"KL target={t:g}", dict(kl_coef=0.1, kl_target=t)) for t in scale.ppo_kl_targets]
-    for method, reward_spec, rm in (("ppo-rm", ("model:1.0",), root / "reward"), ("ppo-gt", ("vader:1.0",), None)):
+    for method, reward_spec, rm in (("ppo-rm", ("model:1.0",), sroot / "reward"), ("ppo-gt", ("vader:1.0",), None)):
         for hp, kl in kl_settings:
-            cfg = base_config(scale, "ppo", scale.ppo_iterations, scale.ppo_lr, data / "prompts_train.jsonl", sft,
-                        eval_rows=0, pack=False, buckets=(24,), max_prompt_len=24)
+            cfg = base_config(scale, "ppo", scale.ppo_iterations, scale.ppo_lr, root / "data" / "prompts_train.jsonl",
+                              sft, eval_rows=0, pack=False, buckets=(24,), max_prompt_len=24)
             ppo = PPOConfig(reward_model=str(rm) if rm else None, rewards=reward_spec, max_new_tokens=scale.max_new_tokens,
                             epochs=2, minibatches=2, **kl)
             train = dataclasses.replace(cfg.train, eval_every=0)
             runs.append(MethodRun(method, hp, dataclasses.replace(cfg, ppo=ppo, train=train)))
-    return runs
+    return [dataclasses.replace(run, config=seeded(run.config, seed)) for run in runs]
+
+
+def round_config(run: MethodRun, workdir: Path, k: int, scale: Scale) -> Config:
+    """Round `k` of online run `run` (in `workdir`): DPO on `pairs-<k>_*.jsonl`, starting from round
+    k − 1's policy (round 1: SFT), the reference staying SFT (`preference.reference`)."""
+    pairs = workdir / f"pairs-{k}"
+    start = workdir / f"round-{k - 1}" if k > 1 else Path(run.config.preference.reference)
+    return dataclasses.replace(
+        run.config, data=dataclasses.replace(run.config.data, source=str(pairs.with_name(pairs.name + "_train.jsonl")),
+                                             **pair_data(pairs, scale)),
+        train=dataclasses.replace(run.config.train, init_from=str(start)))
+
+
+def train_online_dpo(root: Path, run: MethodRun, scale: Scale, seed: int = 0) -> None:
+    """Iterative (online) DPO: in each round, the current policy is sampled `samples_per_prompt`
+    times on the training prompts (a fresh seed per round), the samples are scored by the seed's
+    reward model (normalised by its held-out spread), every two of a prompt's responses at least
+    `online_min_gap` apart make a pair (the higher chosen), and DPO trains on them from the current
+    policy, its reference kept at SFT so that every round optimises the same KL-regularised
+    objective. Finished rounds are skipped; an interrupted one resumes."""
+    sroot = seed_root(root, seed)
+    workdir = sroot / run.name
+    score = None
+    for k in range(1, run.rounds + 1):
+        config = round_config(run, workdir, k, scale)
+        if finished(workdir / f"round-{k}", config.train.steps):
+            continue
+        if not (workdir / f"pairs-{k}_eval.jsonl").exists():
+            if score is None:
+                score = reward_scorer(sroot / "reward")
+            policy = Path(config.train.init_from)
+            prompts, texts, chunks = sample_policy(policy, root, scale, seed=100 + k + SEED_STRIDE * seed)
+            scores = np.concatenate([score(c["rollout"]) for c in chunks]).reshape(texts.shape)
+            write_pairs(workdir, f"pairs-{k}", [ranked_pairs(p, t, s, scale.online_min_gap)
+                                                for p, t, s in zip(prompts, texts, scores)])
+        train_phase(config, workdir / f"round-{k}")
+
+
+def reward_scorer(reward: Path):
+    """The reward model in work directory `reward` as a function of a rollout (in its tokenizer) →
+    its scores normalised by its saved held-out statistics, (s − mean)/std, float64 [B]."""
+    from pjlm import sharding
+    from pjlm.config import MeshConfig
+
+    mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
+    score, mean, std = evaluate.load_reward_model(reward, None, mesh)
+    return lambda rollout: (np.asarray(score(rollout["tokens"], rollout["prompt_mask"], rollout["response_mask"]),
+                                       np.float64) - mean) / std
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,3 +268,11 @@ def train_phase(config: Config, workdir: Path) -> None:
         from pjlm import train
 
         train.run(config, workdir)
+
+
+def train_method(root: Path, run: MethodRun, scale: Scale, seed: int = 0) -> None:
+    """One DPO/PPO run of seed `seed` (an online run: all its rounds), skipped when finished."""
+    if run.rounds > 1:
+        train_online_dpo(root, run, scale, seed)
+    else:
+        train_phase(run.config, seed_root(root, seed) / run.name)

@@ -1,8 +1,11 @@
 """The controlled-sentiment pipeline's outputs: results.json, frontier.png, objective.png, curves.png, a
 Bradley–Terry leaderboard and report.md, all from `evals.json`, `distances.json` and the runs'
-`metrics.jsonl`. Standard errors are over held-out prompts: the leaderboard's from a bootstrap over
-prompts (`pjlm.bootstrap.bt_bootstrap`: every pair of policies plays on the same prompts, so games
-are not independent), the objective's from its per-prompt values."""
+`metrics.jsonl` of every seed. With one seed, standard errors are over held-out prompts: the
+leaderboard's from a bootstrap over prompts (`pjlm.bootstrap.bt_bootstrap`: every pair of policies
+plays on the same prompts, so games are not independent), the objective's from its per-prompt values.
+With several seeds, each number is the mean over seeds ± its standard error over seeds (which holds
+the training's variance as well as the sampling's), and the leaderboard plays every seed's games on
+the shared prompts."""
 
 from __future__ import annotations
 
@@ -19,12 +22,13 @@ from pjlm import bootstrap
 from pjlm.fileio import read_jsonl
 from pjlm.metrics import METRICS_FILE, read_metrics
 from experiments.sentiment import markdown
+from experiments.sentiment.common import seed_root
 
-METHOD_LABELS = {"sft": "SFT", "dpo": "DPO", "ppo-rm": "PPO (learned reward)", "ppo-gt": "PPO (VADER reward)",
+METHOD_LABELS = {"sft": "SFT", "dpo": "DPO", "dpo-online": "online DPO", "ppo-rm": "PPO (learned reward)", "ppo-gt": "PPO (VADER reward)",
                  "bon-rm": "best-of-N (learned reward)", "bon-oracle": "best-of-N (VADER, oracle)"}
 METHOD_ORDER = list(METHOD_LABELS)
 POINT_KEYS = ("method", "hp", "step", "reward", "reward_se", "kl", "kl_se", "n", "top_sentence", "top_sentence_share")
-OPTIONAL_KEYS = ("kl_method",)
+OPTIONAL_KEYS = ("kl_method", "seeds", "reward_sd", "kl_sd", "per_seed")
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "sentencepiece", "vaderSentiment")
 
 
@@ -46,13 +50,44 @@ def _final(series: dict) -> dict[str, dict]:
             for (method, _), pts in series.items()}
 
 
-def leaderboard(finals: dict[str, dict], n_resamples: int = 1000) -> list[dict]:
+def combine(values) -> tuple[float, float]:
+    """The mean of one quantity over seeds and its standard error over seeds (s.d./√S)."""
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def over_seeds(series_by_seed: list[dict]) -> dict:
+    """One series per (method, hp) from every seed's: each point present in every seed (the same step,
+    or the same N) has the seeds' mean reward and KL with their standard errors over seeds, their
+    standard deviations across seeds, the per-seed values, and seed 0's samples; its per-prompt
+    arrays are seed 0's (statistics that need them are computed per seed and then combined)."""
+    out = {}
+    for key, pts in series_by_seed[0].items():
+        if not all(key in series for series in series_by_seed):
+            continue
+        merged = []
+        for i, p in enumerate(pts):
+            same = [next((q for q in series[key] if q["step"] == p["step"] and q["hp"] == p["hp"]), None)
+                    for series in series_by_seed]
+            if any(q is None for q in same):
+                continue
+            point = dict(p, seeds=len(same), per_seed=[{"reward": q["reward"], "kl": q["kl"]} for q in same])
+            for name in ("reward", "kl"):
+                point[name], point[f"{name}_se"] = combine([q[name] for q in same])
+                point[f"{name}_sd"] = float(np.std([q[name] for q in same], ddof=1))
+            merged.append(point)
+        out[key] = merged
+    return out
+
+
+def leaderboard(finals_by_seed: list[dict[str, dict]], n_resamples: int = 1000) -> list[dict]:
     """Bradley–Terry scores of the final policies: on every held-out prompt, each pair of policies
-    is a game won by the sample VADER scores higher (equal scores: half a win each); standard errors
-    from refitting on resamples of the prompts (`bt_se`), beside the fit's own, which treats every
-    game as independent (`bt_fit_se`)."""
-    names = list(finals)
-    wins_PKK = bootstrap.prompt_wins(np.array([finals[n]["scores"] for n in names]).T)
+    is a game won by the sample VADER scores higher (equal scores: half a win each), one game per seed;
+    standard errors from refitting on resamples of the prompts (`bt_se`), beside the fit's own, which
+    treats every game as independent (`bt_fit_se`)."""
+    names = list(finals_by_seed[0])
+    wins_PKK = sum(bootstrap.prompt_wins(np.array([finals[n]["scores"] for n in names]).T)
+                   for finals in finals_by_seed)
     fit = bootstrap.bt_bootstrap(wins_PKK, ridge=1e-6, n_resamples=n_resamples, seed=0)
     wins = wins_PKK.sum(axis=0)
     rows = [{"policy": n, "bt_score": float(fit.scores_K[i]), "bt_se": float(fit.stderr_K[i]),
@@ -61,23 +96,51 @@ def leaderboard(finals: dict[str, dict], n_resamples: int = 1000) -> list[dict]:
     return sorted(rows, key=lambda r: -r["bt_score"])
 
 
-def objective(finals: dict[str, dict], betas: list[float]) -> list[dict]:
+J_READINGS = ("rm", "rm_raw", "vader")
+"""J's rewards: the learned reward normalised as PPO sees it, (s − mean)/std; the learned reward on
+its own Bradley–Terry scale, s − mean (DPO's); VADER."""
+
+
+def objective(finals: dict[str, dict], betas: list[float], reward_std: float | None) -> list[dict]:
     """J = E[r] − β·KL(π ‖ π_SFT) of every final policy at every β, with its standard error over
-    prompts (one sample per prompt: r and the KL estimate of the same sample), for r the learned
-    reward (normalised as PPO sees it) and for r = VADER. Policies evaluated before the learned
-    reward was recorded are left out."""
+    prompts (one sample per prompt: r and the KL estimate of the same sample), for each reward of
+    `J_READINGS` (the raw one needs the reward model's `reward_std`). Policies evaluated before the
+    learned reward was recorded are left out."""
     rows = []
     for label, p in finals.items():
         if not p.get("kls") or not p.get("rm_scores"):
             continue
-        kl = np.asarray(p["kls"], np.float64)
+        kl, rm = np.asarray(p["kls"], np.float64), np.asarray(p["rm_scores"], np.float64)
+        readings = {"rm": rm, "vader": p["scores"], **({"rm_raw": rm * reward_std} if reward_std else {})}
         for beta in betas:
             row = {"policy": label, "method": p["method"], "beta": beta}
-            for name, r in (("rm", p["rm_scores"]), ("vader", p["scores"])):
+            for name, r in readings.items():
                 j_P = np.asarray(r, np.float64) - beta * kl
                 row[f"j_{name}"], row[f"j_{name}_se"] = float(j_P.mean()), float(j_P.std(ddof=1) / np.sqrt(len(j_P)))
             rows.append(row)
     return rows
+
+
+def combine_rows(rows_by_seed: list[list[dict]], keys: tuple[str, ...], fields: tuple[str, ...]) -> list[dict]:
+    """Rows of several seeds matched by `keys`: each of `fields` (with its `_se` where one exists, or
+    `_stderr`) becomes the mean over seeds ± its standard error over seeds. One seed: the rows as
+    they are."""
+    if len(rows_by_seed) == 1:
+        return rows_by_seed[0]
+    index = [{tuple(r[k] for k in keys): r for r in rows} for rows in rows_by_seed]
+    out = []
+    for key, row in index[0].items():
+        same = [ix.get(key) for ix in index]
+        if any(r is None for r in same):
+            continue
+        row = dict(row, seeds=len(same))
+        for f in fields:
+            if all(f in r for r in same):
+                mean, se = combine([r[f] for r in same])
+                err = f.replace("_mean", "_stderr") if f.endswith("_mean") else f + "_se"
+                row[f], row[err] = mean, se
+        out.append(row)
+    return out
 
 
 def plot_objective(rows: list[dict], path: Path) -> None:
@@ -86,8 +149,11 @@ def plot_objective(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    for ax, (key, title) in zip(axes, (("rm", "r = learned reward (normalised)"), ("vader", "r = VADER"))):
+    panels = [(k, t) for k, t in (("rm", "r = learned reward, normalised (PPO's)"),
+                                   ("rm_raw", "r = learned reward, its own scale (DPO's)"), ("vader", "r = VADER"))
+              if f"j_{k}" in rows[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharex=True)
+    for ax, (key, title) in zip(axes, panels):
         for policy in dict.fromkeys(r["policy"] for r in rows):
             pts = [r for r in rows if r["policy"] == policy]
             ax.errorbar([r["beta"] for r in pts], [r[f"j_{key}"] for r in pts], yerr=[2 * r[f"j_{key}_se"] for r in pts],
@@ -98,19 +164,22 @@ def plot_objective(rows: list[dict], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("The KL-regularised objective of each final policy (bars ±2 s.e. over prompts)")
+    over = "seeds" if rows[0].get("seeds", 1) > 1 else "prompts"
+    fig.suptitle(f"The KL-regularised objective of each final policy (bars ±2 s.e. over {over})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_frontier(series: dict, path: Path) -> None:
+def plot_frontier(series: dict, path: Path, series_by_seed: tuple[dict, ...] = ()) -> None:
+    """Reward against KL along every run (bars ±2 s.e.); with several seeds, the points are the seeds'
+    means, the bars their standard errors over seeds, and each seed's own run is drawn faintly."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
     for (method, hp), pts in series.items():
         kl = [p["kl"] for p in pts]
         reward = [p["reward"] for p in pts]
@@ -120,13 +189,20 @@ def plot_frontier(series: dict, path: Path) -> None:
         style = dict(marker="s", linestyle="--") if method.startswith("bon") else dict(marker="o")
         if method == "sft":
             style = dict(marker="*", markersize=14, linestyle="none", color="black")
-        ax.errorbar(kl, reward, yerr=[2 * p["reward_se"] for p in pts], xerr=[2 * p["kl_se"] for p in pts],
-                    label=label, capsize=2, **style)
+        line = ax.errorbar(kl, reward, yerr=[2 * p["reward_se"] for p in pts], xerr=[2 * p["kl_se"] for p in pts],
+                           label=label, capsize=2, **style)
+        if method != "sft" and len(series_by_seed) > 1:
+            for seed_series in series_by_seed:
+                own = seed_series.get((method, hp), [])
+                ax.plot([p["kl"] for p in own], [p["reward"] for p in own], color=line[0].get_color(), alpha=0.25,
+                        linewidth=1, linestyle=style.get("linestyle", "-"))
     ax.set_xlabel("sequence KL(π ‖ π_SFT), nats")
     ax.set_ylabel("held-out VADER reward")
-    ax.set_title("Reward–KL frontier (points along each run; bars ±2 s.e.)")
+    seeds = f"{len(series_by_seed)} seeds: means ±2 s.e. over seeds, each seed faint" if len(series_by_seed) > 1 \
+        else "bars ±2 s.e. over prompts"
+    ax.set_title(f"Reward–KL frontier (points along each run; {seeds})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -200,33 +276,47 @@ def _public(point: dict) -> dict:
     return {k: point[k] for k in (*POINT_KEYS, *OPTIONAL_KEYS) if k in point}
 
 
-def write(root: Path, scale, points: dict, seconds: dict, command: str) -> dict:
-    """Write every output; returns the results dict (also results.json)."""
+def write(root: Path, scale, points_by_seed: list[dict], seconds: dict, command: str) -> dict:
+    """Write every output from each seed's evaluated points (seed 0 first); returns the results dict
+    (also results.json). With one seed, errors are over prompts; with several, every number is the
+    mean over seeds ± its standard error over seeds, and the leaderboard plays every seed's games."""
     from pjlm.train.loop import git_revision
 
-    series = _series(points)
+    seed_roots = [seed_root(root, s) for s in range(len(points_by_seed))]
+    series_by_seed = [_series(points) for points in points_by_seed]
+    finals_by_seed = [_final(series) for series in series_by_seed]
+    series = series_by_seed[0] if len(series_by_seed) == 1 else over_seeds(series_by_seed)
     finals = _final(series)
-    board = leaderboard(finals)
-    plot_frontier(series, root / "frontier.png")
-    betas = sorted({*scale.dpo_betas, *scale.ppo_kl_coefs})
-    j_rows = objective(finals, betas)
+    board = leaderboard(finals_by_seed)
+    plot_frontier(series, root / "frontier.png", tuple(series_by_seed))
+    stds = [reward_model_std(r / "reward") for r in seed_roots]
+    betas = sorted({*scale.dpo_betas, *scale.online_dpo_betas, *scale.ppo_kl_coefs})
+    j_rows = combine_rows([objective(f, betas, std) for f, std in zip(finals_by_seed, stds)], ("policy", "beta"),
+                          tuple(f"j_{r}" for r in J_READINGS))
     if j_rows:
         plot_objective(j_rows, root / "objective.png")
-    distances = json.loads((root / "distances.json").read_text()) if (root / "distances.json").exists() else {}
+    distances = combine_rows([_distances(r) for r in seed_roots], ("policy",),
+                             ("tv_mean", "kl_mean", "reverse_kl_mean", "gap_mean", "candidates_mean"))
     run_names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(("dpo-", "ppo-")))
     plot_curves(root, run_names, root / "curves.png")
-    pairs = {split: len(read_jsonl(root / "data" / f"pairs_{split}.jsonl")) for split in ("train", "eval")}
+    pairs = [{split: len(read_jsonl(r / "data" / f"pairs_{split}.jsonl")) for split in ("train", "eval")}
+             for r in seed_roots]
     results = {
-        "command": command, **environment(), "git_revision": git_revision(),
+        "command": command, **environment(), "git_revision": git_revision(), "seeds": len(points_by_seed),
         "wall_time_s": round(sum(seconds.values()), 1), "phase_seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "scale": dataclasses.asdict(scale), "pairs": pairs, "reward_model_eval_accuracy": reward_model_accuracy(root / "reward"),
-        "reward_std": reward_model_std(root / "reward"),
+        "scale": dataclasses.asdict(scale), "pairs": pairs,
+        "reward_model_eval_accuracy": [reward_model_accuracy(r / "reward") for r in seed_roots], "reward_std": stds,
         "points": [_public(p) for pts in series.values() for p in pts],
         "summary": {label: _public(p) for label, p in finals.items()},
-        "leaderboard": board, "objective": j_rows,
-        "distances": [{"policy": f"{METHOD_LABELS[d['method']]}, {d['hp']}", **d} for d in distances.values()],
+        "leaderboard": board, "objective": j_rows, "distances": distances,
     }
     (root / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     (root / "leaderboard.md").write_text(markdown.leaderboard_table(board))
     (root / "report.md").write_text(markdown.report(results, finals))
     return results
+
+
+def _distances(seed_dir: Path) -> list[dict]:
+    path = seed_dir / "distances.json"
+    distances = json.loads(path.read_text()) if path.exists() else {}
+    return [{"policy": f"{METHOD_LABELS[d['method']]}, {d['hp']}", **d} for d in distances.values()]
