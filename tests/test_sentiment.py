@@ -113,11 +113,15 @@ def test_ci_pipeline_raises_ground_truth_reward_at_a_kl_cost_and_reruns_skip(tmp
     # The DPO study on the same directory: seed 0's DPO retrained with one thing changed at a time.
     from experiments.sentiment import dpo_study
 
-    study = dpo_study.run_study(tmp_path, "ci")
+    every = dpo_study.variants(scale.dpo_steps, scale.dpo_lr)
+    chosen = [every[0], every[-1]]  # twice the steps, and a pair subset: the others differ from these in numbers only
+    assert chosen[0].steps == 2 * scale.dpo_steps and chosen[1].pairs == "margin"
+    study = dpo_study.run_study(tmp_path, "ci", [v.name for v in chosen])
     rows = {r["variant"]: r for r in study["rows"]}
     main_dpo = max((p for p in results["points"] if p["method"] == "dpo" and p["hp"] == "β=0.1"), key=lambda p: p["step"])
     assert rows["main job: DPO, β=0.1"]["reward"] == main_dpo["reward"]
-    for v in dpo_study.variants(scale.dpo_steps, scale.dpo_lr):
+    assert set(rows) == {"main job: DPO, β=0.1", "main job: online DPO, β=0.1", *(v.name for v in chosen)}
+    for v in chosen:
         row = rows[v.name]
         assert row["steps"] == v.steps and row["epochs"] == pytest.approx(v.steps * scale.batch / row["pairs"])
         assert row["kl"] > 0 and row["eval_loss"] is not None, row

@@ -98,7 +98,8 @@ def last(records: list[dict], key: str) -> Optional[float]:
     return values[-1] if values else None
 
 
-def run_study(root: Path, scale_name: str = "cpu") -> dict:
+def run_study(root: Path, scale_name: str = "cpu", names: Optional[list[str]] = None) -> dict:
+    """Train and evaluate every variant (or those `names`), then write the outputs; returns results."""
     root = Path(root).absolute()
     scale = SCALES[scale_name]
     if not (root / "evals.json").exists():
@@ -123,6 +124,8 @@ def run_study(root: Path, scale_name: str = "cpu") -> dict:
             rows.append({"variant": f"main job: {'online DPO' if method == 'dpo-online' else 'DPO'}, {hp}",
                          "steps": point["step"], **{k: point[k] for k in ("reward", "reward_se", "kl", "kl_se")}})
     for v in variants(scale.dpo_steps, scale.dpo_lr):
+        if names is not None and v.name not in names:
+            continue
         workdir = out / _slug(v.name)
         pairs = out / f"pairs_{v.pairs}"
         cfg = base_config(scale, "dpo", v.steps, v.lr, pairs.with_name(pairs.name + "_train.jsonl"), root / "sft",
