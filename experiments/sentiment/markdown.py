@@ -95,7 +95,7 @@ def objective_leaders(rows: list[dict]) -> str:
         best = max(column, key=lambda q: q[f"j_{key}"])
         verdict = "the highest in its column" if best is r else (
             f"below {best['policy']}'s {best[f'j_{key}']:+.3f} by "
-            f"{(best[f'j_{key}'] - r[f'j_{key}']) / max((best[f'j_{key}_se'] ** 2 + r[f'j_{key}_se'] ** 2) ** 0.5, 1e-12):.1f} s.e.")
+            f"{(best[f'j_{key}'] - r[f'j_{key}']) / max((best[f'j_{key}_se'] ** 2 + r[f'j_{key}_se'] ** 2) ** 0.5, 1e-12):.1f} s.e")
         lines.append(f"- {r['policy']}: J = {_pm(r[f'j_{key}'], r[f'j_{key}_se'])} on its own objective "
                      f"(β={r['beta']:g}, {READING_LABELS[key]}): {verdict}.")
     return "\n".join(lines) + "\n" if lines else ""
@@ -177,7 +177,7 @@ best-of-N candidates, duplicates removed): the final policy restricted to them, 
 optimum of Lemma 1 restricted to them, π*_C ∝ π_SFT·exp(r/β), with r the reward the run was trained
 on (the learned reward as PPO sees it for PPO on the reward model, its raw Bradley–Terry score for DPO,
 which fits the preference itself, VADER for PPO on VADER). 0 would be the
-optimum; means ± s.e. over prompts. β·KL(π_C ‖ π*_C) is the objective J_C left on the table.
+optimum; means ± s.e. over {"seeds" if seeds > 1 else "prompts"}. β·KL(π_C ‖ π*_C) is the objective J_C left on the table.
 
 {distances_table(results['distances'])}
 ## Training curves
