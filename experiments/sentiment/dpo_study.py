@@ -93,9 +93,13 @@ def write_pair_subsets(root: Path, out: Path, vader) -> dict[str, int]:
     return counts
 
 
-def last(records: list[dict], key: str) -> Optional[float]:
-    values = [r[key] for r in records if r.get(key) is not None]
-    return values[-1] if values else None
+def last_losses(records: list[dict]) -> dict:
+    """The last logged training loss, held-out loss and held-out implicit-reward accuracy of a run."""
+    out = {}
+    for key in ("loss", "eval_loss", "eval_reward_accuracy"):
+        values = [r[key] for r in records if r.get(key) is not None]
+        out[key] = values[-1] if values else None
+    return out
 
 
 def run_study(root: Path, scale_name: str = "cpu", names: Optional[list[str]] = None) -> dict:
@@ -120,9 +124,18 @@ def run_study(root: Path, scale_name: str = "cpu", names: Optional[list[str]] = 
                 finals[p["method"], p["hp"]] = p
     for method, hp in (("dpo", f"β={BETA:g}"), ("dpo", "β=0.5"), ("dpo-online", f"β={BETA:g}")):
         point = finals.get((method, hp))
-        if point is not None:
-            rows.append({"variant": f"main job: {'online DPO' if method == 'dpo-online' else 'DPO'}, {hp}",
-                         "steps": point["step"], **{k: point[k] for k in ("reward", "reward_se", "kl", "kl_se")}})
+        if point is None:
+            continue
+        name = f"{method}-{hp[2:]}"
+        if method == "dpo-online":  # pairs: every round's, freshly sampled; metrics: the last round's
+            rounds = sorted(root.glob(f"{name}/pairs-*_train.jsonl"))
+            pairs, metrics = sum(len(read_jsonl(f)) for f in rounds), read_metrics(root / name / f"round-{len(rounds)}")
+        else:
+            pairs, metrics = counts["all"], read_metrics(root / name)
+        rows.append({"variant": f"main job: {'online DPO' if method == 'dpo-online' else 'DPO'}, {hp}",
+                     "steps": point["step"], "lr": scale.dpo_lr, "pairs": pairs,
+                     "epochs": point["step"] * scale.batch / pairs,
+                     **{k: point[k] for k in ("reward", "reward_se", "kl", "kl_se")}, **last_losses(metrics)})
     for v in variants(scale.dpo_steps, scale.dpo_lr):
         if names is not None and v.name not in names:
             continue
@@ -138,9 +151,7 @@ def run_study(root: Path, scale_name: str = "cpu", names: Optional[list[str]] = 
         p, metrics = evals.points[f"dpo-study|{v.name}|{step}"], read_metrics(workdir)
         rows.append({"variant": v.name, "steps": step, "lr": v.lr, "pairs": counts[v.pairs],
                      "epochs": step * scale.batch / counts[v.pairs],
-                     **{k: p[k] for k in ("reward", "reward_se", "kl", "kl_se")},
-                     "loss": last(metrics, "loss"), "eval_loss": last(metrics, "eval_loss"),
-                     "eval_reward_accuracy": last(metrics, "eval_reward_accuracy")})
+                     **{k: p[k] for k in ("reward", "reward_se", "kl", "kl_se")}, **last_losses(metrics)})
     results = {"command": f"python -m experiments.sentiment.dpo_study --workdir {root}", "beta": BETA,
                "batch": scale.batch, "rows": rows, "seconds": timings.seconds,
                "ppo": [{k: p[k] for k in ("reward", "reward_se", "kl", "kl_se", "hp", "method")}
@@ -162,7 +173,8 @@ def plot(results: dict, path: Path) -> None:
         ax.errorbar(row["kl"], row["reward"], xerr=2 * row["kl_se"], yerr=2 * row["reward_se"], marker="o",
                     capsize=2, label=row["variant"])
     for p in results["ppo"]:
-        ax.errorbar(p["kl"], p["reward"], xerr=2 * p["kl_se"], yerr=2 * p["reward_se"], marker="^", color="grey",
+        ax.errorbar(p["kl"], p["reward"], xerr=2 * p["kl_se"], yerr=2 * p["reward_se"], color="black",
+                    marker="^" if p["method"] == "ppo-rm" else "v",
                     capsize=2, label=f"PPO ({'VADER' if p['method'] == 'ppo-gt' else 'learned reward'}, {p['hp']}), main job")
     ax.set_xlabel("sequence KL(π ‖ π_SFT), nats")
     ax.set_ylabel("held-out VADER reward")
@@ -179,11 +191,15 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def report(results: dict) -> str:
-    lines = ["| variant | steps | pairs (training) | epochs | held-out VADER reward | KL to SFT (nats) | training loss "
-             "| held-out loss | held-out implicit-reward accuracy |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | steps | learning rate | pairs (training) | epochs | held-out VADER reward | Δ reward (in s.e.) "
+             "| KL to SFT (nats) | training loss | held-out loss | held-out implicit-reward accuracy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = results["rows"][0]  # the main job's DPO at BETA: what every variant changes one thing of
     for r in results["rows"]:
-        lines.append(f"| {r['variant']} | {r['steps']} | {_fmt(r.get('pairs'), 'd')} | {_fmt(r.get('epochs'), '.2f')} "
-                     f"| {r['reward']:+.3f} ± {r['reward_se']:.3f} | {r['kl']:.2f} ± {r['kl_se']:.2f} "
+        se = (r["reward_se"] ** 2 + base["reward_se"] ** 2) ** 0.5
+        delta = "" if r is base else f"{r['reward'] - base['reward']:+.3f} ({(r['reward'] - base['reward']) / se:+.1f})"
+        lines.append(f"| {r['variant']} | {r['steps']} | {_fmt(r.get('lr'), 'g')} | {_fmt(r.get('pairs'), 'd')} | {_fmt(r.get('epochs'), '.2f')} "
+                     f"| {r['reward']:+.3f} ± {r['reward_se']:.3f} | {delta} | {r['kl']:.2f} ± {r['kl_se']:.2f} "
                      f"| {_fmt(r.get('loss'), '.3f')} | {_fmt(r.get('eval_loss'), '.3f')} "
                      f"| {_fmt(r.get('eval_reward_accuracy'), '.3f')} |")
     seconds = sum(results["seconds"].values())
@@ -192,10 +208,11 @@ def report(results: dict) -> str:
     {results['command']}
 
 The main job's DPO at β = {results['beta']:g}, retrained with one thing changed at a time on the same SFT,
-pairs ({results['batch']} per step) and held-out prompts (see `experiments/sentiment/dpo_study.py`); the main
-job's DPO at β = 0.5 and its online DPO for comparison. Reward ± s.e. and KL ± s.e. over held-out prompts
-(one sample each, the same seed as the main job's seed 0); losses are the last logged. The variants took
-{seconds / 60:.1f} min.
+pairs ({results['batch']} per step) and held-out prompts (see `experiments/sentiment/dpo_study.py`); the
+main job's DPO at β = 0.5 and its online DPO (pairs: every round's; losses: its last round's) for
+comparison. Reward ± s.e. and KL ± s.e. over held-out prompts (one sample each, the same seed as the
+main job's seed 0); Δ is against the first row (the samples are paired by prompt, so this error is
+conservative); losses are the last logged. The variants took {seconds / 60:.1f} min.
 
 {chr(10).join(lines)}
 
