@@ -15,6 +15,13 @@ from pjlm import fileio
 from pjlm.fileio import write_atomic
 
 
+def param_count(tree: Any) -> int:
+    """Elements in a tree of (concrete or abstract) arrays: anything with a `.shape`."""
+    import jax
+
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
 def matmul_params(config: ModelConfig) -> int:
     """Parameters that take part in a matrix multiply per token: every projection in every layer plus
     the output head (counted even when tied to the embedding, since the matmul still happens). The

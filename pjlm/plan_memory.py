@@ -19,7 +19,7 @@ import numpy as np
 
 from pjlm import sharding
 from pjlm.config import ConfigError
-from pjlm.metrics import matmul_params, mean_attended_context
+from pjlm.metrics import matmul_params, mean_attended_context, param_count
 from pjlm.model import Transformer
 from pjlm.train import loop, phases
 from pjlm.train.ppo_steps import PPOState, advantages, jit_update, rollout_statistics
@@ -301,11 +301,6 @@ def estimate(config, shapes: StepShapes, mesh) -> dict:
     resident = sum(parts.values()) - sum(moments[peak])
     out["moments"] = {f"{m}_gib": (resident + sum(v)) / GIB for m, v in moments.items()}
     return out
-
-
-def param_count(tree: Any) -> int:
-    """Elements in a tree of (abstract) arrays."""
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
 
 
 def step_flops(config, shapes: StepShapes) -> dict:

@@ -453,10 +453,6 @@ def _reference(r: _Run, state: TrainState, state_shardings: Any) -> Optional[Any
     return None
 
 
-def _count(tree: Any) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-
-
 def _millions(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e4 else str(n)
 
@@ -472,9 +468,9 @@ def startup_summary(r: _Run, start: int, trained: Any, frozen: Any = None) -> li
     devices = jax.devices()
     kinds = sorted({dev.device_kind for dev in devices})
     mesh = " ".join(f"{k}={v}" for k, v in sharding.mesh_sizes(r.mesh).items())
-    params = f"{_millions(_count(trained))} parameters trained"
-    if frozen is not None and _count(frozen):
-        params += f", {_millions(_count(frozen))} frozen"
+    params = f"{_millions(metrics_lib.param_count(trained))} parameters trained"
+    if frozen is not None and metrics_lib.param_count(frozen):
+        params += f", {_millions(metrics_lib.param_count(frozen))} frozen"
     m = r.model.config
     unit = {"pretrain": "packed rows", "sft": "rows", "reward": "pairs", "dpo": "pairs",
             "ppo": f"prompts × {c.ppo.group_size} samples"}[t.phase]
