@@ -24,8 +24,8 @@ from pjlm.metrics import METRICS_FILE, read_metrics
 from experiments.sentiment import markdown
 from experiments.sentiment.common import seed_root
 
-METHOD_LABELS = {"sft": "SFT", "dpo": "DPO", "dpo-online": "online DPO", "ppo-rm": "PPO (learned reward)", "ppo-gt": "PPO (VADER reward)",
-                 "bon-rm": "best-of-N (learned reward)", "bon-oracle": "best-of-N (VADER, oracle)"}
+METHOD_LABELS = {"sft": "SFT", "dpo": "DPO", "dpo-online": "online DPO", "ppo-rm": "PPO (learned reward)",
+                 "ppo-gt": "PPO (VADER reward)", "bon-rm": "best-of-N (learned reward)", "bon-oracle": "best-of-N (VADER, oracle)"}
 METHOD_ORDER = list(METHOD_LABELS)
 POINT_KEYS = ("method", "hp", "step", "reward", "reward_se", "kl", "kl_se", "n", "top_sentence", "top_sentence_share")
 OPTIONAL_KEYS = ("kl_method", "seeds", "reward_sd", "kl_sd", "per_seed")
@@ -66,7 +66,7 @@ def over_seeds(series_by_seed: list[dict]) -> dict:
         if not all(key in series for series in series_by_seed):
             continue
         merged = []
-        for i, p in enumerate(pts):
+        for p in pts:
             same = [next((q for q in series[key] if q["step"] == p["step"] and q["hp"] == p["hp"]), None)
                     for series in series_by_seed]
             if any(q is None for q in same):
