@@ -143,6 +143,24 @@ def combine_rows(rows_by_seed: list[list[dict]], keys: tuple[str, ...], fields: 
     return out
 
 
+METHOD_COLORS = {"sft": "black", "dpo": "tab:blue", "dpo-online": "tab:cyan", "ppo-rm": "tab:red",
+                 "ppo-gt": "tab:purple", "bon-rm": "tab:brown", "bon-oracle": "tab:gray"}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _styles(keys) -> dict:
+    """Matplotlib style per (method, hp): the method's colour, and a marker and line style for each of
+    its settings in turn, so that a sweep's many runs stay told apart."""
+    seen: dict[str, int] = {}
+    out = {}
+    for method, hp in keys:
+        i = seen[method] = seen.get(method, -1) + 1
+        out[method, hp] = dict(color=METHOD_COLORS.get(method), marker=MARKERS[i % len(MARKERS)],
+                               linestyle=LINESTYLES[i % len(LINESTYLES)])
+    return out
+
+
 def plot_objective(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -152,12 +170,14 @@ def plot_objective(rows: list[dict], path: Path) -> None:
     panels = [(k, t) for k, t in (("rm", "r = learned reward, normalised (PPO's)"),
                                    ("rm_raw", "r = learned reward, its own scale (DPO's)"), ("vader", "r = VADER"))
               if f"j_{k}" in rows[0]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharex=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5 + 0.1 * len(rows) / 3), sharex=True)
+    policies = {r["policy"]: (r["method"], r["policy"]) for r in rows}
+    styles = _styles(policies.values())
     for ax, (key, title) in zip(axes, panels):
-        for policy in dict.fromkeys(r["policy"] for r in rows):
+        for policy, style_key in policies.items():
             pts = [r for r in rows if r["policy"] == policy]
             ax.errorbar([r["beta"] for r in pts], [r[f"j_{key}"] for r in pts], yerr=[2 * r[f"j_{key}_se"] for r in pts],
-                        marker="o", capsize=2, label=policy)
+                        capsize=2, label=policy, **styles[style_key])
         ax.set_xscale("log")
         ax.set_xlabel("β")
         ax.set_ylabel("J = E[r] − β·KL(π ‖ π_SFT)")
@@ -179,14 +199,17 @@ def plot_frontier(series: dict, path: Path, series_by_seed: tuple[dict, ...] = (
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5.5) if len(series) <= 10 else (10, 7))
+    styles = _styles(series)
     for (method, hp), pts in series.items():
         kl = [p["kl"] for p in pts]
         reward = [p["reward"] for p in pts]
         label = METHOD_LABELS[method] + ("" if method == "sft" or method.startswith("bon") else f" ({hp})")
         if method.startswith("bon"):
             label += ", KL: plug-in estimate from the N candidates' rewards"
-        style = dict(marker="s", linestyle="--") if method.startswith("bon") else dict(marker="o")
+        style = styles[method, hp]
+        if method.startswith("bon"):
+            style = dict(style, marker="s", linestyle="--")
         if method == "sft":
             style = dict(marker="*", markersize=14, linestyle="none", color="black")
         line = ax.errorbar(kl, reward, yerr=[2 * p["reward_se"] for p in pts], xerr=[2 * p["kl_se"] for p in pts],
