@@ -33,11 +33,13 @@ its final step, a data file that exists, an evaluated point) and resumes an inte
 latest checkpoint.
 
 Hardware and time: the default `cpu` scale (the 1.05M-parameter `small` model, DPO β ∈ {0.1, 0.5},
-PPO β = 0.05) took 11.0 minutes on the 2-core CPU (float32); expected result, from that run
-(docs/sentiment/report.md): held-out VADER reward +0.09 (SFT) → +0.47 (DPO β=0.1, KL 1.3 nats),
-+0.46 (DPO β=0.5, KL 0.7), +0.79 (PPO on the reward model, KL 6.0), +0.62 (PPO on VADER, KL 2.8);
-best-of-16 +0.68 by the reward model (0.81 held-out accuracy), +0.87 by VADER. The `ci` scale is the
-test suite's (the `tiny` model, about 3 minutes); `sweep` and `gpu` have not been run yet.
+online DPO β = 0.1 in 3 rounds, PPO β = 0.05) takes 9 minutes on the 2-core CPU with one seed and
+21 with `--seeds 3` (float32); expected result, from the `--seeds 3` run (docs/sentiment/report.md,
+means over seeds): held-out VADER reward +0.11 (SFT) → +0.49 (DPO β=0.1, KL 1.6 nats), +0.43 (DPO
+β=0.5, KL 0.7), +0.57 (online DPO, KL 3.4), +0.84 (PPO on the reward model, KL 8.6), +0.64 (PPO on
+VADER, KL 2.9); best-of-16 +0.69 by the reward model (0.70–0.77 held-out accuracy), +0.88 by VADER.
+The `ci` scale is the test suite's (the `tiny` model, about 1.5 minutes a seed); the `sweep`'s run is
+docs/sentiment-sweep/report.md; `gpu` has not been run yet.
 
 Modules, each importing only those listed before it: `common` (sizes, the timings ledger), `phases`
 (data, pairs, configs, running a phase), `evaluation` (sampling and scoring every policy, best-of-N,
