@@ -114,8 +114,9 @@ def test_ci_pipeline_raises_ground_truth_reward_at_a_kl_cost_and_reruns_skip(tmp
     from experiments.sentiment import dpo_study
 
     every = dpo_study.variants(scale.dpo_steps, scale.dpo_lr)
-    chosen = [every[0], every[-1]]  # twice the steps, and a pair subset: the others differ from these in numbers only
-    assert chosen[0].steps == 2 * scale.dpo_steps and chosen[1].pairs == "margin"
+    assert [v.steps for v in every[:2]] == [2 * scale.dpo_steps, 4 * scale.dpo_steps] and every[2].lr == 3 * scale.dpo_lr
+    chosen = [every[-1]]  # a pair subset; the others differ from it in numbers only (steps, rate, rows kept)
+    assert chosen[0].pairs == "margin" and chosen[0].steps == scale.dpo_steps
     study = dpo_study.run_study(tmp_path, "ci", [v.name for v in chosen])
     rows = {r["variant"]: r for r in study["rows"]}
     main_dpo = max((p for p in results["points"] if p["method"] == "dpo" and p["hp"] == "β=0.1"), key=lambda p: p["step"])
@@ -200,6 +201,8 @@ def test_every_scale_builds_valid_configs(tmp_path):
                 run.method == "ppo-gt"
     sweep = phases.method_runs(tmp_path, common.SCALES["sweep"])
     assert {r.config.preference.beta for r in sweep if r.method == "dpo"} == {0.05, 0.1, 0.5, 1.0}
+    adaptive = [r.config.ppo for r in sweep if r.config.ppo.kl_target]  # β may move 1% a batch, as in Ziegler et al.
+    assert adaptive and all(c.kl_horizon == 20 * common.SCALES["sweep"].batch for c in adaptive)
 
 
 def test_top_sentence_finds_the_stock_phrase_and_counts_each_response_once():

@@ -179,7 +179,10 @@ def method_runs(root: Path, scale: Scale, seed: int = 0) -> list[MethodRun]:
                                   train=dataclasses.replace(cfg.train, checkpoint_every=per_round, keep_checkpoints=1))
         runs.append(MethodRun("dpo-online", f"β={beta:g}", cfg, rounds=scale.online_rounds))
     kl_settings = [(f"β={c:g}", dict(kl_coef=c)) for c in scale.ppo_kl_coefs]
-    kl_settings += [(f"KL target={t:g}", dict(kl_coef=0.1, kl_target=t)) for t in scale.ppo_kl_targets]
+    # Adaptive β (Ziegler et al.) with their horizon in batches, not samples: 10,000 samples is 20 of their
+    # 512-sample batches, and 10,000 of ours (16 prompts) would hold β near its start for a whole run.
+    kl_settings += [(f"KL target={t:g}", dict(kl_coef=0.1, kl_target=t, kl_horizon=20 * scale.batch))
+                    for t in scale.ppo_kl_targets]
     for method, reward_spec, rm in (("ppo-rm", ("model:1.0",), sroot / "reward"), ("ppo-gt", ("vader:1.0",), None)):
         for hp, kl in kl_settings:
             cfg = base_config(scale, "ppo", scale.ppo_iterations, scale.ppo_lr, root / "data" / "prompts_train.jsonl",
