@@ -450,7 +450,9 @@ class PPOConfig:
     kl_target: Optional[float] = None
     """Adaptive controller's target sequence KL (Ziegler et al. 2019), > 0; None keeps β fixed."""
     kl_horizon: int = 10000
-    """Adaptive controller's horizon, in samples; ≥ 1."""
+    """Adaptive controller's horizon, in samples; ≥ 1. β moves by at most 20% per `kl_horizon` samples:
+    Ziegler et al.'s 10,000 is 20 of their 512-sample batches, so with small rollouts scale it down
+    (e.g. 20 × the samples per step), or β stays near `kl_coef` for the whole run."""
     advantage: Literal["gae", "rloo", "grpo"] = "gae"
     """gae uses the value model; rloo and grpo a group baseline (no critic)."""
     whiten_advantages: bool = True
