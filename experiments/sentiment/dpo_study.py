@@ -42,6 +42,7 @@ from pjlm.metrics import read_metrics
 from experiments.sentiment.common import SCALES, Timings
 from experiments.sentiment.evaluation import Evaluator
 from experiments.sentiment.phases import base_config, pair_data, train_phase
+from experiments.sentiment.report import _series
 
 BETA = 0.1
 MARGIN = 0.5
@@ -117,11 +118,7 @@ def run_study(root: Path, scale_name: str = "cpu", names: Optional[list[str]] = 
     timings = Timings(out / "timings.json")
     evals = Evaluator(root, scale, vader, evals_path=out / "evals.json")
     rows = []
-    finals = {}  # each of the main job's runs at its last evaluated step
-    for p in main.values():
-        if p["method"] != "sft" and not p["method"].startswith("bon"):
-            if p["step"] >= finals.get((p["method"], p["hp"]), {"step": -1})["step"]:
-                finals[p["method"], p["hp"]] = p
+    finals = {key: pts[-1] for key, pts in _series(main).items()}  # each run at its last evaluated step
     for method, hp in (("dpo", f"β={BETA:g}"), ("dpo", "β=0.5"), ("dpo-online", f"β={BETA:g}")):
         point = finals.get((method, hp))
         if point is None:

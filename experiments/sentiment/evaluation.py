@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from pjlm import best_of_n as bon
-from pjlm import evaluate, optimum, sharding
-from pjlm.config import MeshConfig
+from pjlm import evaluate, optimum
 from pjlm.fileio import read_jsonl, write_atomic
 from pjlm.sample import load_for_sampling
 from experiments.sentiment.common import SEED_STRIDE, Scale, seed_root
+from experiments.sentiment.phases import reward_scorer
 
 SAMPLES_KEPT = 4
 """Held-out prompts whose samples each point keeps for the report."""
@@ -98,11 +98,8 @@ class Evaluator:
     def learned_reward(self, rollout: dict) -> np.ndarray:
         """The reward model's normalised score (s − mean)/std of each row of a rollout: float64 [B]."""
         if self._rm is None:
-            mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
-            self._rm = evaluate.load_reward_model(self.sroot / "reward", self.sft[0].config, mesh)
-        score, mean, std = self._rm
-        raw = np.asarray(score(rollout["tokens"], rollout["prompt_mask"], rollout["response_mask"]), np.float64)
-        return (raw - mean) / std
+            self._rm = reward_scorer(self.sroot / "reward")
+        return self._rm[0](rollout)
 
     def policy_point(self, method: str, hp: str, step: int, params) -> None:
         if _key(method, hp, step) in self.points:
@@ -190,7 +187,7 @@ class Evaluator:
         reward = "vader" if run.method == "ppo-gt" else "learned"
         r = cand[reward]
         if run.method.startswith("dpo"):  # DPO fits the Bradley–Terry preference itself, so its optimum has the model's own
-            reward, r = "learned (raw)", r * self._rm[2]  # scale: the raw score (a shift per prompt changes nothing),
+            reward, r = "learned (raw)", r * self._rm[1]  # scale: the raw score (a shift per prompt changes nothing),
             #                                               not PPO's score divided by its std
         d = optimum.distances(policy, cand["sft_logps"], r, run.beta, cand["unique"])
         self.distances[run.name] = {"method": run.method, "hp": run.hp, "step": saved[-1][0], "beta": run.beta,

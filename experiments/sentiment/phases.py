@@ -221,7 +221,7 @@ def train_online_dpo(root: Path, run: MethodRun, scale: Scale, seed: int = 0) ->
             continue
         if not (workdir / f"pairs-{k}_eval.jsonl").exists():
             if score is None:
-                score = reward_scorer(sroot / "reward")
+                score, _ = reward_scorer(sroot / "reward")
             policy = Path(config.train.init_from)
             prompts, texts, chunks = sample_policy(policy, root, scale, seed=100 + k + SEED_STRIDE * seed)
             scores = np.concatenate([score(c["rollout"]) for c in chunks]).reshape(texts.shape)
@@ -231,15 +231,15 @@ def train_online_dpo(root: Path, run: MethodRun, scale: Scale, seed: int = 0) ->
 
 
 def reward_scorer(reward: Path):
-    """The reward model in work directory `reward` as a function of a rollout (in its tokenizer) →
-    its scores normalised by its saved held-out statistics, (s − mean)/std, float64 [B]."""
+    """The reward model in work directory `reward`: (a function of a rollout (in its tokenizer) → its
+    scores normalised by its saved held-out statistics, (s − mean)/std, float64 [B]; that std)."""
     from pjlm import sharding
     from pjlm.config import MeshConfig
 
     mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
     score, mean, std = evaluate.load_reward_model(reward, None, mesh)
-    return lambda rollout: (np.asarray(score(rollout["tokens"], rollout["prompt_mask"], rollout["response_mask"]),
-                                       np.float64) - mean) / std
+    return (lambda rollout: (np.asarray(score(rollout["tokens"], rollout["prompt_mask"], rollout["response_mask"]),
+                                        np.float64) - mean) / std), std
 
 
 # ---------------------------------------------------------------------------------------------
