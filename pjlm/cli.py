@@ -2,9 +2,9 @@
 
     pjlm train CONFIG.py --workdir DIR [--set section.field=value ...] [--allow-config-change]
     pjlm sft|reward|dpo|ppo --model M --dataset D --workdir DIR [--split S] [--subset X] [--revision R]
-        [--lora-rank R] [--steps N] [--config FILE] [--set section.field=value ...]   (pjlm/recipes.py)
+        [--lora-rank R] [--steps N] [--config FILE] [--fit] [--set section.field=value ...]   (pjlm/recipes.py)
     pjlm sample --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--samples K]
-    pjlm plan CONFIG.py [--devices N] [--device h100] [--set section.field=value ...]   (pjlm/plan.py)
+    pjlm plan CONFIG.py [--devices N] [--device h100] [--fit] [--set section.field=value ...]   (pjlm/plan.py)
     pjlm prepare CONFIG.py --workdir DATA_DIR [--workers N] [--set section.field=value ...]
         (tokenize and pack the pre-training corpus once; train with --set data.prepared=DATA_DIR)
     pjlm import-hf SRC DST · pjlm export-hf --workdir DIR OUT   (see pjlm/hf/cli.py)
@@ -73,7 +73,19 @@ def _phase(args) -> int:
                            config=load_config(args.config) if args.config else None, overrides=args.set or (),
                            reward_model=getattr(args, "reward_model", None))
     print(f"pjlm {args.command}: resolved config\n{recipes.describe(config)}", flush=True)
+    if args.fit:
+        return _fit_report(config)
     return _run(config, args)
+
+
+def _fit_report(config: Config) -> int:
+    """`--fit`: whether the step fits this machine's devices at the config's longest rows, and the
+    settings that would (one JSON line); nothing is trained."""
+    from pjlm import fit, plan_memory, sharding
+
+    mesh = sharding.make_mesh(config.mesh)
+    print(json.dumps(fit.report(config, mesh, plan_memory.row_length(config))), flush=True)
+    return 0
 
 
 def _add_phase_commands(sub) -> None:
@@ -97,6 +109,9 @@ def _add_phase_commands(sub) -> None:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
         p.add_argument("--allow-config-change", action="store_true",
                        help="resume even though a field that defines the run changed")
+        p.add_argument("--fit", action="store_true",
+                       help="print whether the step fits this machine at the longest rows (data.seq_len) and "
+                            "which settings would (one JSON line), and train nothing")
         if phase == "ppo":
             p.add_argument("--reward-model", default=None, help="a reward-model run's work directory")
         p.set_defaults(handler=_phase)
@@ -117,7 +132,7 @@ def _sample(args) -> int:
 def _plan(args) -> int:
     from pjlm.plan import plan_subprocess
 
-    for record in plan_subprocess(args.config, args.set or (), devices=args.devices, device=args.device):
+    for record in plan_subprocess(args.config, args.set or (), devices=args.devices, device=args.device, fit=args.fit):
         print(json.dumps(record), flush=True)
     return 0
 
@@ -131,6 +146,9 @@ def _add_plan_command(sub) -> None:
     p.add_argument("--devices", type=int, default=None,
                    help="plan for N devices (fake CPU devices when this machine has fewer); default: this machine's")
     p.add_argument("--device", default=None, help=f"say whether it fits one chip of: {', '.join(ACCELERATORS)}")
+    p.add_argument("--fit", action="store_true",
+                   help="also say whether the step fits one device (--device's, else this machine's) and which "
+                        "settings would (the record's \"fit\")")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     p.set_defaults(handler=_plan)
 

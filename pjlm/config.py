@@ -350,6 +350,11 @@ class TrainConfig:
     """Seeds parameter initialisation and the step RNG."""
     logprob_chunk: int = 0
     """Compute log-probs this many vocabulary entries at a time; ≥ 0 (0 = full logits)."""
+    masked_logprob_chunk: int = 0
+    """DPO-family losses: apply the LM head only at the loss-masked (response) positions, this many
+    positions at a time (`pjlm.ops.masked_token_logprobs`; the same values, and the head's cost follows
+    the response tokens instead of every padded position); ≥ 0 (0 = the head at every position, the
+    plain path, with `logprob_chunk`). Takes precedence over `logprob_chunk`."""
     resume_step: Optional[int] = None
     """Resume from this saved step instead of the newest good one (later checkpoints are moved aside to
     `checkpoints_superseded/`, never deleted); ≥ 1 or None."""
@@ -361,6 +366,15 @@ class TrainConfig:
     "tensorboard", "wandb" (`pip install 'pjlm[wandb]'`; see `pjlm.wandb_log`), or "none" alone."""
     wandb_project: Optional[str] = None
     """The Weights & Biases project; None = $WANDB_PROJECT, else "pjlm"."""
+    fit: Literal["check", "adjust", "off"] = "check"
+    """Before the state is allocated, the train step is compiled from abstract arrays at the longest row
+    the data reaches and its memory compared with the device's (`pjlm.fit`). check: a step that does not
+    fit stops the run (exit 2) naming the settings that would; adjust (the recipes' default): first turn
+    on train.logprob_chunk, then model.remat=full, as far as needed, and stop only when even that does
+    not fit; off: no check."""
+    memory_limit_gib: Optional[float] = None
+    """Memory one device may use, in GiB, for the fit check; None = the device's own (an accelerator's
+    bytes_limit; on the CPU the host's available memory, shared by its devices); > 0 or None."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,6 +517,9 @@ class Config:
                               "give the component its reward-model run (model:1.0:path=runs/rm) or set "
                               "ppo.reward_model, or use rule-based rewards only (e.g. vader:1.0)")
         self._check_reference()
+        if self.model.final_softcap is not None and self.train.masked_logprob_chunk:
+            raise ConfigError(f"train.masked_logprob_chunk={self.train.masked_logprob_chunk} cannot apply "
+                              "model.final_softcap; set train.masked_logprob_chunk=0")
         if self.model.final_softcap is not None and self.train.logprob_chunk:
             raise ConfigError(f"train.logprob_chunk={self.train.logprob_chunk} cannot apply model.final_softcap "
                               "(the chunked log-probs never form the capped logits); set train.logprob_chunk=0")

@@ -95,7 +95,7 @@ def _verdict(record: dict, device: str) -> dict:
             "fits": required <= usable, "decided_by": "compiled" if compiled_here else "analytic"}
 
 
-def plan(config, *, device: Optional[str] = None, n_devices: Optional[int] = None) -> dict:
+def plan(config, *, device: Optional[str] = None, n_devices: Optional[int] = None, fit: bool = False) -> dict:
     """Plan `config.train.phase`'s step on this process's first `n_devices` devices (all of them by
     default; the mesh must fit them). Returns one record, per device, in GiB:
 
@@ -107,7 +107,9 @@ def plan(config, *, device: Optional[str] = None, n_devices: Optional[int] = Non
     (the rollout statistics' figures), `rollout_flops_per_token`, and `resident_gib` (the reference
     tree it keeps beside the update step, without LoRA). With `device` (a name `accelerator` knows):
     `device_memory_gib`, `usable_gib`, `required_gib`, `fits` and `decided_by` ("compiled" when the
-    compile ran on that accelerator, else "analytic")."""
+    compile ran on that accelerator, else "analytic"). With `fit`: `fit`, `pjlm.fit.report` — whether
+    the step fits one device (`device`'s usable memory, else this machine's) and, when it does not,
+    the settings that would, each compiled."""
     import jax
     from pjlm import plan_memory as pm
     from pjlm import sharding
@@ -139,6 +141,12 @@ def plan(config, *, device: Optional[str] = None, n_devices: Optional[int] = Non
         record["resident_gib"] = pm.shard_bytes(shapes.reference) / GIB
     if device is not None:
         record.update(_verdict(record, device))
+    if fit:
+        from pjlm import fit as fit_lib
+
+        limit = None if device is None else fit_lib.Limit(usable_gib(accelerator(device)) * GIB,
+                                                          f"{accelerator(device)}'s usable memory")
+        record["fit"] = fit_lib.report(config, mesh, pm.row_length(config), limit)
     return record
 
 
@@ -146,7 +154,7 @@ PROBE_EXIT = 3  # the child found fewer devices of this machine's own kind than 
 
 
 def plan_subprocess(config_path: str, overrides: Sequence[str] = (), devices: Optional[int] = None,
-                    device: Optional[str] = None) -> list[dict]:
+                    device: Optional[str] = None, fit: bool = False) -> list[dict]:
     """`plan` of an experiment file (with `--set` overrides) in a child process: on `devices` of
     this machine's accelerators when it has that many, else on `devices` fake CPU devices (None:
     whatever devices the machine has). Returns the child's records, one per device kind (one).
@@ -161,6 +169,7 @@ def plan_subprocess(config_path: str, overrides: Sequence[str] = (), devices: Op
         accelerator(device)
     args = [sys.executable, "-m", "pjlm.plan", str(config_path), *[f"--set={o}" for o in overrides]]
     args += ["--device", device] if device is not None else []
+    args += ["--fit"] if fit else []
     env = dict(os.environ)
     if devices is None:
         return _child(args, env)
@@ -218,6 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
     ap.add_argument("--device", default=None, help=f"say whether it fits one of: {', '.join(ACCELERATORS)}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ap.add_argument("--fit", action="store_true", help="also say whether the step fits and which settings would")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from pjlm.cli import load_config
@@ -230,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             if jax.device_count() < args.devices:
                 return PROBE_EXIT
-        record = plan(config, device=args.device, n_devices=args.devices)
+        record = plan(config, device=args.device, n_devices=args.devices, fit=args.fit)
     except PjlmError as e:
         print(json.dumps({"error": " ".join(str(e).split()), "config_error": isinstance(e, ConfigError)}))
         return 2

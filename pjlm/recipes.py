@@ -154,7 +154,7 @@ def recipe_config(phase: str, model_config: ModelConfig, init_from: str, *, lora
     lora = LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank) if lora_rank else None
     seq_len = min(r.seq_len, model_config.max_len)
     model = model_config.replace(dtype="bfloat16" if _on_accelerator() else "float32", param_dtype="float32",
-                                 remat="full" if _on_accelerator() else "none", attention="auto")
+                                 remat="none", attention="auto")
     return Config(
         model=model,
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
@@ -163,8 +163,7 @@ def recipe_config(phase: str, model_config: ModelConfig, init_from: str, *, lora
         data=DataConfig(pack=r.pack and phase == "sft", seq_len=seq_len, max_prompt_len=None,  # = seq_len // 2
                         batch_size=r.batch_size, eval_rows=0),
         train=TrainConfig(phase=phase, steps=steps, log_every=min(10, steps), eval_every=0,
-                          checkpoint_every=min(500, steps), init_from=init_from,
-                          logprob_chunk=16384 if model.vocab_size > 65536 and model.final_softcap is None else 0),
+                          checkpoint_every=min(500, steps), init_from=init_from, fit="adjust"),
         preference=PreferenceConfig(beta=0.1),
         lora=lora,
     )
@@ -190,7 +189,27 @@ def build(phase: str, *, model: str, dataset: str, split: str = "train", subset:
                                                                   subset=subset, revision=revision))
     if reward_model is not None:
         config = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, reward_model=reward_model))
-    return apply_overrides(config, overrides)
+    return with_buckets(apply_overrides(config, overrides))
+
+
+def length_buckets(seq_len: int, smallest: int = 64) -> tuple[int, ...]:
+    """Padded lengths for unpacked rows: every power of two from `smallest` and one and a half times
+    it, below `seq_len`, then `seq_len` (64, 96, 128, 192, …, 1024). A row is padded by at most half
+    its bucket below, and a run compiles one step per bucket its batches reach."""
+    out, b = [], smallest
+    while b < seq_len:
+        out += [b, b * 3 // 2]
+        b *= 2
+    return tuple(x for x in out if x < seq_len) + (seq_len,)
+
+
+def with_buckets(config: Config) -> Config:
+    """`config` with `length_buckets` of its final data.seq_len when its rows are padded (not packed)
+    and it names no buckets of its own."""
+    d = config.data
+    if d.buckets or (d.pack and config.train.phase in ("pretrain", "sft")):
+        return config
+    return dataclasses.replace(config, data=dataclasses.replace(d, buckets=length_buckets(d.seq_len)))
 
 
 def describe(config: Config) -> str:

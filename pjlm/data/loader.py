@@ -77,6 +77,13 @@ class Batcher:
         """Padded length of the batch at `step`: the smallest bucket holding its longest row."""
         return self.bucket_for(self.global_indices(step))
 
+    def longest_row(self) -> int:
+        """The longest padded row any batch has: the packed row length, or the smallest bucket that
+        holds the dataset's longest row (what a run checks to fit its memory)."""
+        if self.kind == "packed":
+            return int(np.asarray(self._rows[0]["tokens"]).shape[-1])
+        return next(b for b in self.buckets if b >= self._lengths.max())
+
     def batch(self, step: int) -> dict:
         """This process's rows of the global batch at `step`, as numpy arrays."""
         return self.assemble(self.local_indices(step), self.bucket(step))

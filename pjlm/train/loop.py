@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -501,12 +501,48 @@ def print_summary(lines: list[str]) -> None:
             print(f"pjlm: {line}", file=sys.stderr, flush=True)
 
 
+def longest_row(r: _Run) -> int:
+    """The longest row the run's training batches reach (packed rows: data.seq_len)."""
+    d, phase = r.config.data, r.config.train.phase
+    if phase == "pretrain" or (phase == "sft" and d.pack):
+        return d.seq_len
+    return r.train_batches.longest_row()
+
+
+def fit_step(r: _Run) -> Optional[Any]:
+    """`pjlm.fit.fitted` for the run, before anything is allocated: the run's config (and model) with
+    the memory savers `train.fit=adjust` turned on, and the train step compiled ahead, or None."""
+    from pjlm import fit
+
+    r.config, planned = fit.fitted(r.config, r.mesh, longest_row(r))
+    if r.config.model != r.model.config:
+        r.model = Transformer(r.config.model, head=phases.model_head(r.config.train.phase))
+    return planned.steps[0].fn if planned is not None and planned.steps else None
+
+
+def explaining_out_of_memory(r: _Run, train: Callable[[], RunResult]) -> RunResult:
+    """`train()`, with XLA's RESOURCE_EXHAUSTED turned into `pjlm.fit.FitError`'s one line: the
+    figure, the limit and the settings that fit."""
+    from pjlm import fit
+
+    try:
+        return train()
+    except Exception as e:
+        if fit.out_of_memory(e):
+            raise fit.explain_out_of_memory(r.config, r.mesh, longest_row(r)) from e
+        raise
+
+
 def _train(r: _Run, checkpointer: ckpt_lib.Checkpointer, is_main: bool) -> RunResult:
+    return explaining_out_of_memory(r, lambda: _train_fitted(r, checkpointer, is_main, fit_step(r)))
+
+
+def _train_fitted(r: _Run, checkpointer: ckpt_lib.Checkpointer, is_main: bool, compiled: Optional[Any]) -> RunResult:
     cfg = r.config.train
     state, state_shardings = create_or_restore(r, checkpointer)
     start = int(state.step)
     print_summary(startup_summary(r, start, state.params, state.frozen))
-    phase = phases.build(r, state_shardings, _reference(r, state, state_shardings))
+    phase = phases.build(r, state_shardings, _reference(r, state, state_shardings), compiled)
     seq_len = r.config.data.seq_len
     throughput = metrics_lib.Throughput(metrics_lib.flops_per_token(r.model.config, seq_len), jax.device_count(),
                                         metrics_lib.peak_flops(jax.devices()[0]))

@@ -58,19 +58,21 @@ def jit_train_step(cfg, model, tx, schedule, state_shardings, batch_shardings, r
     if phase == "reward":
         return jit_step(functools.partial(preference.reward_step, cfg=pref, **common),
                         in_shardings=(state_shardings, batch_shardings))
-    return jit_step(functools.partial(preference.dpo_step, cfg=pref, logprob_chunk=chunk, **common),
+    return jit_step(functools.partial(preference.dpo_step, cfg=pref, logprob_chunk=chunk,
+                                      masked_chunk=cfg.train.masked_logprob_chunk, **common),
                     in_shardings=(state_shardings, ref_shardings, batch_shardings))
 
 
-def build(run, state_shardings, ref_params: Optional[Any]) -> Phase:
-    """The jitted step and eval for `run.config.train.phase`; `ref_params` only for DPO."""
+def build(run, state_shardings, ref_params: Optional[Any], step: Optional[Callable] = None) -> Phase:
+    """The jitted step and eval for `run.config.train.phase`; `ref_params` only for DPO. `step`: the
+    train step `jit_train_step` would give, already compiled ahead (`pjlm.fit`), to use instead."""
     cfg, pref = run.config, run.config.preference
     phase, chunk = cfg.train.phase, cfg.train.logprob_chunk
     batch_sh = _batch_shardings(run.mesh, run.train_batches.batch(0))
     eval_sh = _batch_shardings(run.mesh, run.eval_batches.batch(0)) if run.eval_batches is not None else batch_sh
     params_sh, frozen_sh = state_shardings.params, state_shardings.frozen
     ref_sh = None if ref_params is None else params_sh
-    step = jit_train_step(cfg, run.model, run.tx, run.schedule, state_shardings, batch_sh, ref_sh)
+    step = step or jit_train_step(cfg, run.model, run.tx, run.schedule, state_shardings, batch_sh, ref_sh)
     if phase in ("pretrain", "sft"):
         ev = jax.jit(functools.partial(steps.lm_eval_step, model=run.model, logprob_chunk=chunk, lora_cfg=cfg.lora),
                      in_shardings=(params_sh, frozen_sh, eval_sh))
@@ -80,7 +82,8 @@ def build(run, state_shardings, ref_params: Optional[Any]) -> Phase:
                      in_shardings=(params_sh, frozen_sh, eval_sh))
         return Phase(step, lambda state, batch: ev(state.params, state.frozen, batch), _finalize_reward)
     ev = jax.jit(functools.partial(preference.dpo_eval_step, model=run.model, cfg=pref, logprob_chunk=chunk,
-                                   lora_cfg=cfg.lora), in_shardings=(params_sh, frozen_sh, ref_sh, eval_sh))
+                                   lora_cfg=cfg.lora, masked_chunk=cfg.train.masked_logprob_chunk),
+                 in_shardings=(params_sh, frozen_sh, ref_sh, eval_sh))
     return Phase(lambda state, batch: step(state, ref_params, batch),
                  lambda state, batch: ev(state.params, state.frozen, ref_params, batch), _finalize_dpo)
 
@@ -154,7 +157,8 @@ def reference_cache(run, batcher, ref_params: Any, path: Path) -> CachedReferenc
         return CachedReference(batcher, *cached)
     n, B = len(batcher.ds), batcher.global_batch_size
     chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    fn = jax.jit(lambda p, batch: preference.reference_logps(run.model, p, batch, run.config.train.logprob_chunk))
+    fn = jax.jit(lambda p, batch: preference.reference_logps(run.model, p, batch, run.config.train.logprob_chunk,
+                                                             run.config.train.masked_logprob_chunk))
     b = B // batcher.process_count
     with sharding.use_mesh(run.mesh):
         for start in range(0, n, B):

@@ -165,7 +165,7 @@ def run(config, workdir, *, allow_config_change: bool = False, rewards=()) -> lo
     for the work directory's guarantees and what it raises); `rewards` as in `pjlm.train.run`."""
     extra = rewards_lib.extra_components(rewards)  # a bad item fails before anything is built
     with loop.open_run(config, workdir, allow_config_change=allow_config_change) as (r, checkpointer):
-        return _run(r, checkpointer, extra)
+        return loop.explaining_out_of_memory(r, lambda: _run(r, checkpointer, extra))
 
 
 def _run(r, checkpointer, extra=()) -> loop.RunResult:
@@ -179,6 +179,7 @@ def _run(r, checkpointer, extra=()) -> loop.RunResult:
     B = r.config.data.batch_size * cfg.group_size
     if B % cfg.minibatches:
         raise ConfigError(f"the rollout of {B} samples does not split into ppo.minibatches={cfg.minibatches}")
+    loop.fit_step(r)  # PPO compiles its own steps; the check may turn remat on (train.fit=adjust)
     updates = r.config.train.steps * cfg.epochs * cfg.minibatches
     tx_policy, _ = make_optimizer(r.config.optimizer, updates)
     tx_value, _ = make_optimizer(r.config.optimizer, updates)
