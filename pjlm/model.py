@@ -439,3 +439,19 @@ def target_logprobs(model: Transformer, params: dict, tokens_BL: jax.Array, posi
     hidden_BLD = model.apply(variables, tokens_BL, positions_BL, segment_ids_BL, return_hidden=True)
     return ops.chunked_token_logprobs(hidden_BLD[:, :-1], output_kernel(params, model.config), tokens_BL[:, 1:],
                                       chunk_size=logprob_chunk)
+
+
+def masked_target_logprobs(model: Transformer, params: dict, tokens_BL: jax.Array, positions_BL, segment_ids_BL,
+                           mask_BT: jax.Array, *, chunk_size: int) -> jax.Array:
+    """`target_logprobs(...) * mask_BT` ([B, L−1], mask aligned with loss_mask[:, 1:]), with the head
+    applied only where the mask is nonzero, `chunk_size` positions at a time
+    (`ops.masked_token_logprobs`): for losses that sum log-probs over a response, whose head and
+    log-softmax at the prompt's and padding's positions would be thrown away."""
+    if model.config.final_softcap is not None:
+        raise ConfigError(f"train.masked_logprob_chunk={chunk_size} cannot apply model.final_softcap="
+                          f"{model.config.final_softcap}; set train.masked_logprob_chunk=0 for this model")
+    hidden_BLD = model.apply({"params": params}, tokens_BL, positions_BL, segment_ids_BL, return_hidden=True)
+    B, T = mask_BT.shape
+    logp_N = ops.masked_token_logprobs(hidden_BLD[:, :-1].reshape(B * T, -1), output_kernel(params, model.config),
+                                       tokens_BL[:, 1:].reshape(B * T), mask_BT.reshape(B * T), chunk_size=chunk_size)
+    return logp_N.reshape(B, T)

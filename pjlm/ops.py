@@ -75,3 +75,99 @@ def entropy(logits_BLV: jax.Array) -> jax.Array:
     lse_BL = jax.nn.logsumexp(logits, axis=-1)
     probs = jnp.exp(logits - lse_BL[..., None])
     return lse_BL - jnp.sum(probs * logits, axis=-1)
+
+
+def masked_token_logprobs(hidden_ND: jax.Array, kernel_DV: jax.Array, targets_N: jax.Array, mask_N: jax.Array, *,
+                          chunk_size: int = 128) -> jax.Array:
+    """`token_logprobs(hidden @ kernel, targets)` where `mask` is nonzero and 0 elsewhere, with the head
+    applied only to the masked positions (N: flattened positions, C: `chunk_size` of them).
+
+    The masked positions are gathered to the front (a stable sort), cut into chunks of C, and the
+    chunks after the last masked position are skipped (`lax.cond`) in both passes: the head's cost
+    follows the number of masked positions, not N, while every shape stays static. The backward
+    recomputes each chunk's [C, V] logits from the hidden states (nothing vocabulary-sized is kept
+    between the passes) and forms the kernel's gradient only when the kernel is differentiated.
+    """
+    N, D = hidden_ND.shape
+    C = min(chunk_size, N)
+    n_chunks = -(-N // C)
+    active_N = mask_N != 0
+    order_N = jnp.argsort(jnp.logical_not(active_N), stable=True).astype(jnp.int32)
+    count = jnp.sum(active_N, dtype=jnp.int32)
+    pad = n_chunks * C - N
+    h_sorted = jnp.pad(hidden_ND[order_N], ((0, pad), (0, 0))).reshape(n_chunks, C, D)
+    t_sorted = jnp.pad(targets_N.astype(jnp.int32)[order_N], (0, pad)).reshape(n_chunks, C)
+    logp_sorted = _active_chunk_logprobs(h_sorted, kernel_DV, t_sorted, count).reshape(-1)[:N]
+    logp_N = jnp.zeros((N,), jnp.float32).at[order_N].set(logp_sorted, unique_indices=True)
+    return jnp.where(active_N, logp_N, 0.0)
+
+
+def _chunk_logits(h_CD, kernel_DV, targets_C):
+    logits_CV = jnp.einsum("CD,DV->CV", h_CD.astype(kernel_DV.dtype), kernel_DV, preferred_element_type=jnp.float32)
+    picked_C = jnp.take_along_axis(logits_CV, targets_C[:, None], axis=-1)[:, 0]
+    return logits_CV, picked_C
+
+
+def _active_chunks_fwd(h_nCD, kernel_DV, targets_nC, count):
+    """Log-probs [n, C] and log-sum-exps [n, C] of the chunks that hold a masked position (zeros after)."""
+    C = targets_nC.shape[1]
+
+    def body(_, xs):
+        h_CD, t_C, start = xs
+
+        def run():
+            logits_CV, picked_C = _chunk_logits(h_CD, kernel_DV, t_C)
+            lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
+            return picked_C - lse_C, lse_C
+
+        zeros = jnp.zeros((C,), jnp.float32)
+        return None, jax.lax.cond(start < count, run, lambda: (zeros, zeros))
+
+    starts = jnp.arange(targets_nC.shape[0], dtype=jnp.int32) * C
+    _, (logp_nC, lse_nC) = jax.lax.scan(body, None, (h_nCD, targets_nC, starts))
+    return logp_nC, lse_nC
+
+
+@jax.custom_vjp
+def _active_chunk_logprobs(h_nCD, kernel_DV, targets_nC, count):
+    return _active_chunks_fwd(h_nCD, kernel_DV, targets_nC, count)[0]
+
+
+def _active_chunk_logprobs_fwd(h_nCD, kernel_DV, targets_nC, count):
+    want_kernel = kernel_DV.perturbed
+    h_nCD, kernel_DV, targets_nC, count = (a.value for a in (h_nCD, kernel_DV, targets_nC, count))
+    logp_nC, lse_nC = _active_chunks_fwd(h_nCD, kernel_DV, targets_nC, count)
+    flag = jnp.zeros((), jnp.int8) if want_kernel else None  # static: the structure says whether
+    return logp_nC, (h_nCD, kernel_DV, targets_nC, count, lse_nC, flag)
+
+
+def _active_chunk_logprobs_bwd(res, g_nC):
+    h_nCD, kernel_DV, targets_nC, count, lse_nC, flag = res
+    want_kernel = flag is not None
+    if isinstance(g_nC, jax.custom_derivatives.SymbolicZero):
+        g_nC = jnp.zeros(g_nC.shape, g_nC.dtype)
+    C, V = targets_nC.shape[1], kernel_DV.shape[1]
+
+    def body(dk_DV, xs):
+        h_CD, t_C, lse_C, g_C, start = xs
+
+        def run(dk_DV):
+            logits_CV, _ = _chunk_logits(h_CD, kernel_DV, t_C)
+            # d(picked − lse)/dlogits = onehot(target) − softmax, times the incoming g
+            dlogits_CV = (jax.nn.one_hot(t_C, V, dtype=jnp.float32) - jnp.exp(logits_CV - lse_C[:, None])) * g_C[:, None]
+            dlogits_CV = dlogits_CV.astype(kernel_DV.dtype)
+            dh_CD = jnp.einsum("CV,DV->CD", dlogits_CV, kernel_DV, preferred_element_type=jnp.float32)
+            if want_kernel:
+                dk_DV = dk_DV + jnp.einsum("CD,CV->DV", h_CD.astype(kernel_DV.dtype), dlogits_CV,
+                                           preferred_element_type=jnp.float32)
+            return dk_DV, dh_CD.astype(h_CD.dtype)
+
+        return jax.lax.cond(start < count, run, lambda dk: (dk, jnp.zeros_like(h_CD)), dk_DV)
+
+    starts = jnp.arange(targets_nC.shape[0], dtype=jnp.int32) * C
+    dk0 = jnp.zeros(kernel_DV.shape, jnp.float32) if want_kernel else None
+    dk_DV, dh_nCD = jax.lax.scan(body, dk0, (h_nCD, targets_nC, lse_nC, g_nC, starts))
+    return dh_nCD, (dk_DV.astype(kernel_DV.dtype) if want_kernel else None), None, None
+
+
+_active_chunk_logprobs.defvjp(_active_chunk_logprobs_fwd, _active_chunk_logprobs_bwd, symbolic_zeros=True)

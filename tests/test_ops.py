@@ -69,3 +69,31 @@ def test_entropy_equals_float64_reference(data):
     ref = -(np.exp(logp) * logp).sum(-1)
     assert_close(ops.entropy(jnp.asarray(logits, jnp.float32)), ref, F32)
     assert np.all(ref <= np.log(logits.shape[-1]) + 1e-9)
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 64])
+def test_masked_token_logprobs_equals_the_masked_reference_and_its_gradient(data, chunk):
+    """The head applied only at masked positions: the plain log-probs where the mask is set, 0 elsewhere,
+    and the same gradients for the hidden states and the kernel (chunks after the last masked position
+    are skipped; with chunk 4 several are)."""
+    hidden, kernel, targets, logits = data
+    B, L, D = hidden.shape
+    mask = np.zeros((B, L), np.int32)
+    mask[0, 2:5] = 1
+    mask[2, 6] = 1  # row 1 has none
+    ref = np.take_along_axis(_np_log_softmax(logits), targets[..., None], -1)[..., 0] * mask
+    flat = lambda h: h.reshape(B * L, *h.shape[2:])
+    out = ops.masked_token_logprobs(flat(jnp.asarray(hidden)), jnp.asarray(kernel), flat(jnp.asarray(targets)),
+                                    flat(jnp.asarray(mask)), chunk_size=chunk).reshape(B, L)
+    assert_close(out, ref, F32)  # one matmul, then a log-softmax
+    assert np.all(np.asarray(out)[mask == 0] == 0.0)
+
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=targets.shape), jnp.float32)
+    dense = lambda h, k: jnp.sum(weights * mask * ops.token_logprobs(jnp.einsum("BLD,DV->BLV", h, k), targets))
+    masked = lambda h, k: jnp.sum(weights * ops.masked_token_logprobs(
+        flat(h), k, flat(jnp.asarray(targets)), flat(jnp.asarray(mask)), chunk_size=chunk).reshape(B, L))
+    g_ref = jax.grad(dense, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(kernel))
+    g_out = jax.jit(jax.grad(masked, argnums=(0, 1)))(jnp.asarray(hidden), jnp.asarray(kernel))
+    assert_close(g_out, g_ref, F32, what="grad")  # gradients of one matmul and a log-softmax
+    g_hidden = jax.jit(jax.grad(masked))(jnp.asarray(hidden), jnp.asarray(kernel))  # kernel not differentiated
+    assert_close(g_hidden, g_ref[0], F32, what="grad of hidden alone")

@@ -17,7 +17,7 @@ import optax
 
 from pjlm import lora, losses
 from pjlm.config import LoraConfig, PreferenceConfig
-from pjlm.model import Transformer, target_logprobs
+from pjlm.model import Transformer, masked_target_logprobs, target_logprobs
 from pjlm.train.state import TrainState
 from pjlm.train.steps import accumulate_gradients
 
@@ -42,11 +42,20 @@ def sequence_scores(model: Transformer, params: Any, rows: dict) -> jax.Array:
     return jnp.take_along_axis(scores_BL, idx[:, None], axis=1)[:, 0]
 
 
-def sequence_logps(model: Transformer, params: Any, rows: dict, logprob_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
-    """Σ log π over each row's response tokens, and the response lengths: ([rows], [rows])."""
+def sequence_logps(model: Transformer, params: Any, rows: dict, logprob_chunk: int = 0,
+                   masked_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Σ log π over each row's response tokens, and the response lengths: ([rows], [rows]).
+
+    `masked_chunk` > 0 (`train.masked_logprob_chunk`) applies the head only at the response's
+    positions, that many at a time (`masked_target_logprobs`); 0 is the plain path (the head at
+    every position, `logprob_chunk` vocabulary entries at a time when that is set)."""
+    mask = rows["loss_mask"][:, 1:].astype(jnp.float32)
+    if masked_chunk > 0:
+        logp = masked_target_logprobs(model, params, rows["tokens"], rows["positions"], rows["segment_ids"], mask,
+                                      chunk_size=masked_chunk)
+        return jnp.sum(logp, axis=1), jnp.sum(mask, axis=1)
     logp = target_logprobs(model, params, rows["tokens"], rows["positions"], rows["segment_ids"],
                            logprob_chunk=logprob_chunk)
-    mask = rows["loss_mask"][:, 1:].astype(jnp.float32)
     return jnp.sum(logp * mask, axis=1), jnp.sum(mask, axis=1)
 
 
@@ -111,26 +120,29 @@ def reward_eval_step(params, frozen, batch, *, model: Transformer, lora_cfg: Opt
             "reward_sum": jnp.sum(scores), "reward_sq_sum": jnp.sum(scores * scores)}
 
 
-def reference_logps(model: Transformer, ref_params: Any, batch: dict, logprob_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+def reference_logps(model: Transformer, ref_params: Any, batch: dict, logprob_chunk: int = 0,
+                    masked_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """The reference's summed response log-probs for chosen and rejected, without gradient."""
     if "ref_chosen_logps" in batch:
         return jax.lax.stop_gradient(batch["ref_chosen_logps"]), jax.lax.stop_gradient(batch["ref_rejected_logps"])
     if ref_params is None:
         raise ValueError("dpo_step needs reference parameters or cached ref_*_logps in the batch")
     B = batch["chosen"]["tokens"].shape[0]
-    logps, _ = sequence_logps(model, jax.lax.stop_gradient(ref_params), concat_pairs(batch), logprob_chunk)
+    logps, _ = sequence_logps(model, jax.lax.stop_gradient(ref_params), concat_pairs(batch), logprob_chunk,
+                              masked_chunk)
     logps = jax.lax.stop_gradient(logps)
     return logps[:B], logps[B:]
 
 
-def dpo_loss_fn(params, ref_params, batch, *, model: Transformer, cfg: PreferenceConfig, logprob_chunk: int = 0):
+def dpo_loss_fn(params, ref_params, batch, *, model: Transformer, cfg: PreferenceConfig, logprob_chunk: int = 0,
+                masked_chunk: int = 0):
     rows = concat_pairs(batch)
     B = batch["chosen"]["tokens"].shape[0]
-    logps, lengths = sequence_logps(model, params, rows, logprob_chunk)
+    logps, lengths = sequence_logps(model, params, rows, logprob_chunk, masked_chunk)
     if cfg.loss_type == "simpo":
         ref_c = ref_r = None
     else:
-        ref_c, ref_r = reference_logps(model, ref_params, batch, logprob_chunk)
+        ref_c, ref_r = reference_logps(model, ref_params, batch, logprob_chunk, masked_chunk)
     loss, metrics = losses.dpo_loss(
         logps[:B], logps[B:], ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
         label_smoothing=cfg.label_smoothing, chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
@@ -140,25 +152,25 @@ def dpo_loss_fn(params, ref_params, batch, *, model: Transformer, cfg: Preferenc
 
 def dpo_step(state: TrainState, ref_params: Optional[Any], batch: dict, *, model: Transformer, tx, schedule,
              cfg: PreferenceConfig, logprob_chunk: int = 0, lora_cfg: Optional[LoraConfig] = None,
-             grad_accum: int = 1) -> tuple[TrainState, dict]:
+             grad_accum: int = 1, masked_chunk: int = 0) -> tuple[TrainState, dict]:
     """One DPO-family step. `ref_params` is the frozen reference tree; it is None when the batch
     carries cached reference log-probs, for SimPO, and with LoRA, where the reference is the frozen
     base `state.frozen` with the adapters off (no copy, no second argument aliasing the state)."""
     if lora_cfg is not None and ref_params is None:
         ref_params = state.frozen
     loss = lambda p, b: dpo_loss_fn(lora.model_params(p, state.frozen, lora_cfg), ref_params, b, model=model,
-                                    cfg=cfg, logprob_chunk=logprob_chunk)
+                                    cfg=cfg, logprob_chunk=logprob_chunk, masked_chunk=masked_chunk)
     grads, metrics = pair_gradients(loss, state.params, batch, grad_accum)
     state, extra = _apply_update(state, grads, tx, schedule)
     return state, {**metrics, **extra}
 
 
 def dpo_eval_step(params, frozen, ref_params, batch, *, model: Transformer, cfg: PreferenceConfig,
-                  logprob_chunk: int = 0, lora_cfg: Optional[LoraConfig] = None) -> dict:
+                  logprob_chunk: int = 0, lora_cfg: Optional[LoraConfig] = None, masked_chunk: int = 0) -> dict:
     """Sums over the batch: DPO loss and implicit-reward accuracy."""
     if lora_cfg is not None and ref_params is None:
         ref_params = frozen
     loss, metrics = dpo_loss_fn(lora.model_params(params, frozen, lora_cfg), ref_params, batch, model=model, cfg=cfg,
-                                logprob_chunk=logprob_chunk)
+                                logprob_chunk=logprob_chunk, masked_chunk=masked_chunk)
     B = jnp.float32(batch["chosen"]["tokens"].shape[0])
     return {"loss_sum": loss * B, "correct": metrics["reward_accuracy"] * B, "pairs": B}
