@@ -41,6 +41,20 @@ from pjlm.train.preference import sequence_scores
 NEW_HEADS = ("score_head",)
 
 
+def score_rows(model: Transformer, params: Any, tokens_BS: jax.Array, prompt_mask_BP: jax.Array,
+               response_mask_BT: jax.Array) -> jax.Array:
+    """Raw scores [B] of [left-padded prompt | right-padded response] rows (S = P + T)."""
+    positions_BS, segments_BS = sequence_layout(prompt_mask_BP, response_mask_BT)
+    return sequence_scores(model, params, {"tokens": tokens_BS, "positions": positions_BS,
+                                           "segment_ids": segments_BS})
+
+
+# The parameters are an argument, never a closure: on several processes they are global arrays
+# spanning devices this process cannot address, which jit refuses to embed as constants. Compiled
+# once per model and shapes.
+_score_rows = jax.jit(score_rows, static_argnames="model")
+
+
 @dataclasses.dataclass
 class RewardModel:
     """One reward-model run, loaded: see the module docstring."""
@@ -56,25 +70,13 @@ class RewardModel:
     """Its run's tokenizer, or None when its work directory holds none."""
     mean: float
     std: float
-    _score: Any = None
-
-    def __post_init__(self):
-        model, params = self.model, self.params
-
-        @jax.jit
-        def score(tokens, prompt_mask, response_mask):
-            positions, segments = sequence_layout(prompt_mask, response_mask)
-            return sequence_scores(model, params, {"tokens": tokens, "positions": positions,
-                                                   "segment_ids": segments})
-
-        self._score = score
 
     def fingerprint(self) -> Optional[str]:
         return None if self.tokenizer is None else self.tokenizer.fingerprint()
 
     def score_tokens(self, tokens, prompt_mask, response_mask) -> jax.Array:
         """Raw scores [B] of [left-padded prompt | right-padded response] rows in this model's tokens."""
-        return self._score(tokens, prompt_mask, response_mask)
+        return _score_rows(self.model, self.params, tokens, prompt_mask, response_mask)
 
     def score_texts(self, prompts: Sequence[str], responses: Sequence[str], mesh=None) -> np.ndarray:
         """Raw scores [B] of prompt/response texts, encoded with this model's own tokenizer (prompts
@@ -100,13 +102,13 @@ class RewardModel:
             tokens[i, P:P + len(r)], response_mask[i, :len(r)] = r, 1
         arrays = (tokens, prompt_mask, response_mask)
         if mesh is None:
-            return np.asarray(jax.device_get(self._score(*arrays)), np.float64)
+            return np.asarray(jax.device_get(self.score_tokens(*arrays)), np.float64)
         # This process's rows, padded (with copies of its first) to its share of data×fsdp, then one
         # global array; its own rows of the scores come back.
         sizes = sharding.mesh_sizes(mesh)
         pad = -B % max(1, sizes.get("data", 1) * sizes.get("fsdp", 1) // jax.process_count())
         arrays = tuple(sharding.shard_batch(np.concatenate([a, np.repeat(a[:1], pad, axis=0)]), mesh) for a in arrays)
-        return sharding.local_rows(self._score(*arrays), mesh).astype(np.float64)[:B]
+        return sharding.local_rows(self.score_tokens(*arrays), mesh).astype(np.float64)[:B]
 
 
 def _workdir_of(directory: Path) -> Path:

@@ -23,13 +23,13 @@ from types import SimpleNamespace
 import jax
 import pytest
 
-from pjlm_testing import F32_DEEP, assert_close, clear_preferences, saved_arrays
+from pjlm_testing import F32, F32_DEEP, assert_close, clear_preferences, saved_arrays
 from pjlm import checkpoint as ckpt_lib
 from pjlm import sharding
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-RUN_TIMEOUT_S = 180  # per launch; each takes 15-30 s on 2 cores
+RUN_TIMEOUT_S = 300  # per launch; each takes 15-30 s on 2 cores, up to ~190 s when other jobs share them
 STEPS = 6
 
 # An experiment file with tests/pjlm_testing.py's tiny run (loaded by path, so it stays the same
@@ -48,10 +48,15 @@ def get_config():
 
 
 
-def _phase_experiment(**sections) -> str:
-    """An experiment file whose config is `tiny_config(**sections)` (plain literals only)."""
-    return EXPERIMENT.replace("def get_config():", "def _pretrain_config():") + \
-        f"\n\ndef get_config():\n    return _conftest.tiny_config(**{sections!r})\n"
+def _phase_experiment(lora: dict | None = None, **sections) -> str:
+    """An experiment file whose config is `tiny_config(**sections)` (plain literals only), with
+    `LoraConfig(**lora)` when `lora` is given."""
+    config = f"_conftest.tiny_config(**{sections!r})"
+    if lora is not None:
+        config = f"dataclasses.replace({config}, lora=LoraConfig(**{lora!r}))"
+    return "import dataclasses\n\nfrom pjlm.config import LoraConfig\n" + \
+        EXPERIMENT.replace("def get_config():", "def _pretrain_config():") + \
+        f"\n\ndef get_config():\n    return {config}\n"
 
 
 # Variables a launcher, a cluster or this pytest process may have set that must not leak into the
@@ -152,21 +157,44 @@ def launched(tmp_path_factory):
                            prefs=clear_preferences(tmp / "prefs.jsonl", n=64))
 
 
+def _start_phase(launched, run: str, processes: int, **sections) -> tuple[Path, list]:
+    """Start the phase `tiny_config(**sections)` as `run` on 1 process (8 devices) or 2 (4 each);
+    returns its work directory and its processes (for `_wait`)."""
+    tmp = launched.tmp
+    config = tmp / f"{run}_experiment.py"
+    config.write_text(_phase_experiment(**sections))
+    envs = [_child_env(tmp, 8)] if processes == 1 else _two_process_envs(tmp)
+    return tmp / run, _start(config, tmp / run, envs, tmp / f"logs-{run}")
+
+
 def _one_and_two(launched, name: str, two_process_variants: dict[str, dict], **sections):
     """Run the phase `tiny_config(**sections)` once as one process and, for each variant (overrides of
     `sections`, e.g. the reference cache on or off), as two: returns {"one": dir, variant: dir}."""
-    tmp = launched.tmp
-    config = tmp / f"{name}_experiment.py"
-    config.write_text(_phase_experiment(**sections))
-    dirs = {"one": tmp / f"{name}-one"}
-    _launch(config, dirs["one"], [_child_env(tmp, 8)], tmp / f"logs-{name}-one")
-    for variant, overrides in two_process_variants.items():
+    dirs = {}
+    for variant, overrides in {"one": {}, **two_process_variants}.items():
         merged = {k: {**sections.get(k, {}), **overrides.get(k, {})} for k in {*sections, *overrides}}
-        config = tmp / f"{name}_{variant}_experiment.py"
-        config.write_text(_phase_experiment(**merged))
-        dirs[variant] = tmp / f"{name}-{variant}"
-        _launch(config, dirs[variant], _two_process_envs(tmp), tmp / f"logs-{name}-{variant}")
+        dirs[variant], procs = _start_phase(launched, f"{name}-{variant}", 1 if variant == "one" else 2, **merged)
+        _wait(procs)
     return dirs
+
+
+def _reward_sections(launched, **lora) -> dict:
+    """The reward-model run from the pre-training run: 3 steps on the preference file, full or LoRA."""
+    return dict(train=dict(phase="reward", steps=3, log_every=1, eval_every=3, eval_batches=2, checkpoint_every=3,
+                           init_from=str(launched.base)),
+                data=dict(source=launched.prefs, pack=False, buckets=(32,), seq_len=32, eval_rows=16),
+                optimizer=dict(learning_rate=2e-3, warmup_steps=0), **lora)
+
+
+@pytest.fixture(scope="module")
+def reward_runs(launched):
+    """Two one-process reward-model runs from the pre-training run, trained at once: a full one (also
+    the reference of the two-process reward-model run) and a LoRA one (rank 4)."""
+    full, full_procs = _start_phase(launched, "reward-one", 1, **_reward_sections(launched))
+    lora, lora_procs = _start_phase(launched, "reward-lora", 1,
+                                    **_reward_sections(launched, lora=dict(rank=4, alpha=8.0)))
+    _wait(full_procs + lora_procs)
+    return SimpleNamespace(full=full, lora=lora)
 
 
 def _assert_same_run(one: Path, two: Path, keys: tuple[str, ...], steps: int, what: str,
@@ -228,13 +256,10 @@ def test_two_process_dpo_with_and_without_the_reference_cache(launched):
 
 
 @pytest.mark.slow
-def test_two_process_reward_model(launched):
-    dirs = _one_and_two(
-        launched, "reward", {"two": {}},
-        train=dict(phase="reward", steps=3, log_every=1, eval_every=3, eval_batches=2, checkpoint_every=3,
-                   init_from=str(launched.base)),
-        data=dict(source=launched.prefs, pack=False, buckets=(32,), seq_len=32, eval_rows=16),
-        optimizer=dict(learning_rate=2e-3, warmup_steps=0))
+def test_two_process_reward_model(launched, reward_runs):
+    two, procs = _start_phase(launched, "reward-two", 2, **_reward_sections(launched))
+    _wait(procs)
+    dirs = {"one": reward_runs.full, "two": two}
     # The Bradley–Terry loss sees only score differences: the score head's bias gets a gradient that is
     # rounding noise, which Adam scales to a step of up to ±lr, so every score (and the scores' mean)
     # may move by that constant. What the loss does see is compared: the margin, the scores' spread on
@@ -246,23 +271,31 @@ def test_two_process_reward_model(launched):
 
 
 @pytest.mark.slow
-def test_two_process_ppo_reaches_the_one_process_metrics(launched):
-    """PPO from the pre-training run: rollouts sampled, decoded and scored per process give the same
-    metrics as one process (the same samples: the sampler's random bits do not depend on the layout)."""
+def test_two_process_ppo_with_two_reward_models_and_rules(launched, reward_runs):
+    """PPO from the pre-training run with the composite reward pjlm exists for: a full and a LoRA
+    reward model (on the policy's tokenizer, so scored on device from the rollout's tokens, their
+    parameters global arrays sharded over both processes) and two rules, weighted. Rollouts sampled,
+    decoded and scored per process give the same metrics as one process (the same samples: the
+    sampler's random bits do not depend on the layout)."""
+    weights = {"regex": 1.0, "length": 0.5, "full": 0.5, "lora": 0.3}
     dirs = _one_and_two(
         launched, "ppo", {"two": {}},
         train=dict(phase="ppo", steps=3, log_every=1, eval_every=0, checkpoint_every=3, init_from=str(launched.base)),
         data=dict(synthetic_docs=100, batch_size=8, buckets=(16,), seq_len=64, eval_rows=0),
         optimizer=dict(learning_rate=3e-3, warmup_steps=0),
-        ppo=dict(rewards=("regex:1.0:pattern=s", "length:0.5:target=6:scale=0.2"), max_new_tokens=8,
-                 group_size=2, kl_coef=0.05))
+        ppo=dict(rewards=("regex:1.0:pattern=s", "length:0.5:target=6:scale=0.2",
+                          f"model:0.5:path={reward_runs.full}:name=full",
+                          f"model:0.3:path={reward_runs.lora}:name=lora"),
+                 max_new_tokens=8, group_size=2, kl_coef=0.05))
     ref, got = _metrics(dirs["one"]), _metrics(dirs["two"])
     for m1, m2 in zip(ref, got):  # rule rewards of the same decoded texts: equal
         assert (m2["reward_regex"], m2["reward_length"], m2["response_length"]) == \
             (m1["reward_regex"], m1["reward_length"], m1["response_length"])
-    _assert_same_run(dirs["one"], dirs["two"], ("reward", "kl", "policy_loss", "value_loss", "entropy"), 3, "PPO")
-
-
+        terms = [w * m2[f"reward_{name}"] for name, w in weights.items()]
+        # A float32 weighted sum per row, then means: F32, on the terms' scale (the sum may cancel).
+        assert_close(m2["reward"], sum(terms), F32, scale=sum(map(abs, terms)), what=f"step {m2['step']} reward")
+    _assert_same_run(dirs["one"], dirs["two"], ("reward_full", "reward_lora", "reward", "kl", "policy_loss",
+                                                "value_loss", "entropy"), 3, "PPO with two reward models and rules")
 
 
 @pytest.mark.slow
