@@ -53,12 +53,10 @@ def _host_available_bytes() -> float:
     """The host's available memory (MemAvailable: free plus what the kernel can reclaim)."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return float(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):  # not Linux: the free pages
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def memory_limit(config: Config) -> Limit:
